@@ -1,0 +1,57 @@
+# Two commands matter: `make run` and `make test`. Everything else is what they build on.
+.DEFAULT_GOAL := help
+SHELL := /bin/sh
+
+VENV := .venv
+BIN := $(VENV)/bin
+STACK := $(BIN)/python scripts/stack.py
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+install: $(VENV)/.synced ## bootstrap uv if missing, then create .venv from uv.lock
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@UV=$$(sh scripts/ensure-uv.sh) && "$$UV" sync --frozen
+	@touch $@
+
+run: install db-up fakepay-up ## serve the API on http://127.0.0.1:8000 with live reload
+	$(BIN)/uvicorn main:app --reload --host $(HOST) --port $(PORT)
+
+stop: ## stop FakePay and the private database server (data kept)
+	-@[ -x $(BIN)/python ] && $(STACK) fakepay-down
+	-@[ -x $(BIN)/python ] && $(STACK) db-down
+
+test: install db-up ## run the test suite (its own database, its own FakePay)
+	$(BIN)/pytest
+
+lint: install ## ruff, ruff format --check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+format: install ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+db-up: install ## start the private database server if needed; create the schema if missing
+	@$(STACK) db-up
+
+db-down: install ## stop the private database server (data kept in .data/)
+	@$(STACK) db-down
+
+db-reset: install ## apply sql/down.sql then sql/up.sql to the database in DB_URL
+	@$(STACK) db-reset
+
+fakepay-up: install ## start fake_pay.py in the background unless its port answers
+	@$(STACK) fakepay-up
+
+fakepay-down: install ## stop the FakePay started by fakepay-up
+	@$(STACK) fakepay-down
+
+clean: stop ## stop everything and delete .venv, .data and caches
+	rm -rf $(VENV) .data .tools .pytest_cache .mypy_cache .ruff_cache

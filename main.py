@@ -1,0 +1,460 @@
+"""Invoice API: create invoices, pay them by card through FakePay, list them in pages."""
+
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi_pagination import Page, Params, create_page
+from loguru import logger
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import func
+from sqlmodel import Session, SQLModel, col, select
+
+from db import SessionDep
+from models import (
+    Card,
+    Customer,
+    ErrorDetail,
+    Invoice,
+    InvoiceCreate,
+    InvoicePublic,
+    InvoiceStatus,
+    MaskedCard,
+    Payment,
+    PaymentStatus,
+)
+from payments import (
+    FakePayClient,
+    FakePayDep,
+    InvoiceNotFoundError,
+    InvoiceNotPayableError,
+    PaymentDeclinedError,
+    PaymentError,
+    PaymentInProgressError,
+    ProviderBusyError,
+    ProviderTimeoutError,
+    ProviderUnavailableError,
+    pay_invoice,
+)
+from settings import settings
+
+MAX_BODY_BYTES = 64 * 1024
+
+# --- logging -------------------------------------------------------------------------------
+
+
+class InterceptHandler(logging.Handler):
+    """Send stdlib records (uvicorn, SQLAlchemy, httpx) through loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def configure_logging() -> None:
+    logger.remove()
+    logger.configure(extra={"request_id": "-"})
+    logger.add(
+        sys.stderr,
+        level=settings.log_level.upper(),
+        serialize=settings.log_json,
+        format=(
+            "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7}</level> | "
+            "{extra[request_id]} | {message}"
+        ),
+    )
+    logging.basicConfig(handlers=[InterceptHandler()], level=logging.INFO, force=True)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    # One line per request comes from RequestContextMiddleware instead.
+    logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+configure_logging()
+
+
+# --- middleware ----------------------------------------------------------------------------
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RequestContextMiddleware:
+    """Request id, one log line per request, and a body size cap, as plain ASGI.
+
+    The body is read up front (it is at most 64 KiB) so an oversized one is refused with 413
+    whether or not it announced its length.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = self._request_id(scope)
+        started = time.perf_counter()
+        status_code = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                message.setdefault("headers", [])
+                message["headers"].append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        with logger.contextualize(request_id=request_id):
+            try:
+                body = await self._read_body(receive)
+                if body is None:
+                    await self._reply_too_large(send_with_id)
+                else:
+                    await self.app(scope, self._replay(body), send_with_id)
+            finally:
+                logger.info(
+                    "{} {} {} {:.1f} ms",
+                    scope["method"],
+                    scope["path"],
+                    status_code,
+                    (time.perf_counter() - started) * 1000,
+                )
+
+    @staticmethod
+    def _request_id(scope: Scope) -> str:
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = str(value.decode("latin-1"))
+                if 0 < len(candidate) <= 64 and candidate.replace("-", "").isalnum():
+                    return candidate
+        return uuid.uuid4().hex
+
+    @staticmethod
+    async def _read_body(receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    @staticmethod
+    def _replay(body: bytes) -> Receive:
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        return receive
+
+    @staticmethod
+    async def _reply_too_large(send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"Request body too large: the limit is {MAX_BODY_BYTES} bytes"},
+            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})
+
+
+# --- application ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.fakepay = FakePayClient(settings)
+    logger.info("invoice API started; FakePay at {}", settings.fakepay_url)
+    try:
+        yield
+    finally:
+        app.state.fakepay.close()
+
+
+app = FastAPI(
+    title="Invoice API",
+    version="0.1.0",
+    summary="Create invoices, pay them by card through FakePay, and list them page by page.",
+    lifespan=lifespan,
+)
+app.add_middleware(RequestContextMiddleware)
+
+PAYMENT_ERROR_STATUS: dict[type[PaymentError], int] = {
+    InvoiceNotFoundError: status.HTTP_404_NOT_FOUND,
+    InvoiceNotPayableError: status.HTTP_409_CONFLICT,
+    PaymentInProgressError: status.HTTP_409_CONFLICT,
+    PaymentDeclinedError: status.HTTP_402_PAYMENT_REQUIRED,
+    ProviderUnavailableError: status.HTTP_502_BAD_GATEWAY,
+    ProviderBusyError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    ProviderTimeoutError: status.HTTP_504_GATEWAY_TIMEOUT,
+}
+
+
+@app.exception_handler(PaymentError)
+async def payment_error_handler(request: Request, error: PaymentError) -> JSONResponse:
+    code = PAYMENT_ERROR_STATUS[type(error)]
+    headers = {"Retry-After": "1"} if isinstance(error, ProviderBusyError) else None
+    if code >= 500:
+        logger.warning("payment failed with {}: {}", code, error.message)
+    return JSONResponse({"detail": error.message}, status_code=code, headers=headers)
+
+
+@app.exception_handler(sa_exc.OperationalError)
+@app.exception_handler(sa_exc.InterfaceError)
+@app.exception_handler(sa_exc.TimeoutError)
+async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
+    logger.error("database unavailable: {}", type(error).__name__)
+    return JSONResponse(
+        {"detail": "The database is unavailable; try again shortly"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 body without the `input` it normally echoes, which may be a card number."""
+    detail = []
+    for item in error.errors():
+        message = item["msg"]
+        if item["type"] == "json_invalid":
+            message = f"Invalid JSON: {item.get('ctx', {}).get('error', 'cannot be parsed')}"
+        detail.append({"type": item["type"], "loc": list(item["loc"]), "msg": message})
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+@app.exception_handler(Exception)
+async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
+    logger.opt(exception=error).error("unhandled error")
+    return JSONResponse(
+        {"detail": "Internal server error; the request id is in the X-Request-ID header"},
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+
+
+# --- reading invoices ----------------------------------------------------------------------
+
+
+class InvoicePageParams(Params):
+    size: int = Query(10, ge=1, le=100, description="Invoices per page")
+
+
+def invoice_rows() -> Any:
+    """Invoices with their customer and, once paid here, the payment: one statement."""
+    return (
+        select(Invoice, Customer, Payment)
+        .join(Customer, col(Customer.customer_id) == col(Invoice.customer_id))
+        .outerjoin(
+            Payment,
+            (col(Payment.invoice_id) == col(Invoice.id))
+            & (Payment.payment_status == PaymentStatus.SUCCEEDED),
+        )
+    )
+
+
+def to_public(row: tuple[Invoice, Customer, Payment | None]) -> InvoicePublic:
+    invoice, customer, payment = row
+    card = None
+    if payment is not None:
+        card = MaskedCard(
+            number=payment.card_number, expiry=payment.card_expiry, name=payment.card_name
+        )
+    return public_invoice(invoice, customer, card)
+
+
+def public_invoice(
+    invoice: Invoice, customer: Customer, card: MaskedCard | None = None
+) -> InvoicePublic:
+    return InvoicePublic(
+        id=uuid.UUID(invoice.id),
+        job_description=invoice.job_description,
+        amount=invoice.amount,
+        customer_id=invoice.customer_id,
+        card=card,
+        customer_name=customer.customer_name,
+        customer_email=customer.customer_email,
+        invoice_status=invoice.invoice_status,
+    )
+
+
+def get_invoice_or_404(session: Session, invoice_id: uuid.UUID) -> InvoicePublic:
+    row = session.exec(invoice_rows().where(Invoice.id == str(invoice_id))).first()
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {invoice_id} not found")
+    return to_public(row)
+
+
+def list_page(
+    session: Session, invoice_status: InvoiceStatus | None, params: InvoicePageParams
+) -> Page[InvoicePublic]:
+    """Newest first, id as tie-breaker; a page past the end costs no item query."""
+    count = select(func.count()).select_from(Invoice)
+    rows = invoice_rows().order_by(col(Invoice.created_at).desc(), col(Invoice.id).desc())
+    if invoice_status is not None:
+        count = count.where(Invoice.invoice_status == invoice_status)
+        rows = rows.where(Invoice.invoice_status == invoice_status)
+    total = session.exec(count).one()
+    raw = params.to_raw_params().as_limit_offset()
+    items: list[InvoicePublic] = []
+    if raw.offset is not None and raw.offset < total:
+        items = [to_public(row) for row in session.exec(rows.offset(raw.offset).limit(raw.limit))]
+    return create_page(items, total=total, params=params)  # type: ignore[return-value]
+
+
+def create_pending_invoice(session: Session, request: InvoiceCreate) -> tuple[Invoice, Customer]:
+    customer = session.get(Customer, request.customer_id)
+    if customer is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Customer {request.customer_id} not found")
+    invoice = Invoice(
+        id=str(uuid.uuid4()),
+        job_description=request.job_description,
+        amount=request.amount,
+        customer_id=request.customer_id,
+        invoice_status=InvoiceStatus.PENDING,
+    )
+    session.add(invoice)
+    session.commit()
+    logger.info(
+        "invoice {} created for customer {}: {}", invoice.id, customer.customer_id, invoice.amount
+    )
+    return invoice, customer
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+Responses = dict[int | str, dict[str, Any]]
+
+
+def error(description: str) -> dict[str, Any]:
+    return {"model": ErrorDetail, "description": description}
+
+
+DATABASE_DOWN: Responses = {503: error("The database is unavailable")}
+PAYMENT_FAILURES: Responses = {
+    402: error("FakePay declined the card; the invoice stays PENDING"),
+    502: error("FakePay unreachable or failing; the invoice stays PENDING"),
+    503: error("The database is unavailable, or too many payments are in flight"),
+    504: error("FakePay did not reply in time; outcome unknown, the invoice stays PENDING"),
+}
+
+
+class HealthStatus(SQLModel):
+    status: Literal["UP", "DOWN"]
+
+
+@app.get(
+    "/health-check",
+    tags=["health"],
+    response_model=HealthStatus,
+    responses={503: {"model": HealthStatus, "description": "The database is unreachable"}},
+)
+def health_check(session: SessionDep) -> Any:
+    """UP only after a real round trip to the database."""
+    try:
+        session.exec(select(1)).one()
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+        return JSONResponse({"status": "DOWN"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+    return HealthStatus(status="UP")
+
+
+@app.get(
+    "/invoice/{invoice_id}",
+    tags=["invoices"],
+    response_model=InvoicePublic,
+    responses={404: error("No invoice has this id"), **DATABASE_DOWN},
+)
+def read_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoicePublic:
+    """One invoice with its customer, and the masked card once paid."""
+    return get_invoice_or_404(session, invoice_id)
+
+
+@app.post(
+    "/invoice",
+    tags=["invoices"],
+    response_model=InvoicePublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={404: error("No customer has this id; nothing was written"), **PAYMENT_FAILURES},
+)
+def create_invoice(
+    request: InvoiceCreate, session: SessionDep, fakepay: FakePayDep
+) -> InvoicePublic:
+    """Create a PENDING invoice; with a card, also pay it at once.
+
+    The invoice is committed before the card is charged, so a failed payment leaves it
+    PENDING, and the error names its id for a later `POST /invoice/pay/{invoice_id}`.
+    """
+    invoice, customer = create_pending_invoice(session, request)
+    if request.card is None:
+        return public_invoice(invoice, customer)
+    paid, customer, card = pay_invoice(session, fakepay, invoice.id, request.card)
+    return public_invoice(paid, customer, card)
+
+
+@app.post(
+    "/invoice/pay/{invoice_id}",
+    tags=["invoices"],
+    response_model=InvoicePublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        404: error("No invoice has this id"),
+        409: error("The invoice is not PENDING, or a payment for it is in progress"),
+        **PAYMENT_FAILURES,
+    },
+)
+def pay_pending_invoice(
+    invoice_id: uuid.UUID, card: Card, session: SessionDep, fakepay: FakePayDep
+) -> InvoicePublic:
+    """Pay a PENDING invoice by card; FakePay's transactionId is the invoice id."""
+    paid, customer, masked = pay_invoice(session, fakepay, str(invoice_id), card)
+    return public_invoice(paid, customer, masked)
+
+
+@app.get(
+    "/invoices",
+    tags=["invoices"],
+    response_model=Page[InvoicePublic],
+    responses=DATABASE_DOWN,
+)
+def list_invoices(
+    session: SessionDep,
+    params: Annotated[InvoicePageParams, Depends()],
+    invoice_status: Annotated[
+        InvoiceStatus | None, Query(alias="invoiceStatus", description="Only this status")
+    ] = None,
+) -> Page[InvoicePublic]:
+    """Invoices newest first, ten to a page by default."""
+    return list_page(session, invoice_status, params)

@@ -1,0 +1,226 @@
+"""Tables and API schemas.
+
+Wire names are camelCase as in the original challenge; Python names are snake_case. The full
+card number lives only in `Card` (as a secret, so no repr or log line can show it) and in the
+outbound provider request; tables and responses hold the masked form.
+"""
+
+import re
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, SecretStr, field_serializer, field_validator
+from pydantic import Field as PydanticField
+from pydantic.alias_generators import to_camel
+from sqlalchemy import CHAR, DECIMAL, BigInteger, String, text
+from sqlalchemy.dialects.mysql import DATETIME
+from sqlmodel import Field, SQLModel
+
+CARD_NUMBER_SEPARATORS = re.compile(r"[ -]")
+CARD_NUMBER = re.compile(r"[0-9]{16}")
+CARD_EXPIRY = re.compile(r"(0[1-9]|1[0-2])-([0-9]{4})")
+CARD_NAME = re.compile(r"[A-Za-z ]+")
+
+
+class InvoiceStatus(StrEnum):
+    PENDING = "PENDING"
+    PAID = "PAID"
+    CANCELLED = "CANCELLED"
+
+
+class PaymentStatus(StrEnum):
+    PROCESSING = "PROCESSING"  # claimed; the provider call is under way
+    SUCCEEDED = "SUCCEEDED"  # provider answered 200; the invoice is PAID
+    DECLINED = "DECLINED"  # provider answered 400
+    FAILED = "FAILED"  # provider unreachable or answered another status
+    UNKNOWN = "UNKNOWN"  # request sent, no reply in time: it may have been charged
+    ABANDONED = "ABANDONED"  # left PROCESSING by a crash, superseded by a later attempt
+
+
+def mask_card_number(number: str) -> str:
+    """The only form of a card number that leaves the payment call: 123456********5678."""
+    return f"{number[:6]}{'*' * 8}{number[-4:]}"
+
+
+def require_utf8(value: str) -> str:
+    """Reject lone surrogates, which JSON allows but MySQL's utf8mb4 cannot store."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return value
+
+
+def timestamp_column() -> Any:
+    return DATETIME(fsp=6)
+
+
+# Shared configuration of every API schema: camelCase on the wire, snake_case in Python.
+class CamelModel(SQLModel):
+    model_config = ConfigDict(  # type: ignore[assignment]  # SQLModel widens ConfigDict
+        alias_generator=to_camel, populate_by_name=True
+    )
+
+
+# The customer table; the API reads it but never writes it.
+class Customer(SQLModel, table=True):
+    customer_id: int | None = Field(default=None, primary_key=True)
+    customer_name: str = Field(max_length=100)
+    customer_email: str = Field(max_length=255)
+
+
+# The invoice fields a client sends; shared by the table, the create request and the response.
+class InvoiceBase(CamelModel):
+    job_description: str = Field(min_length=1, max_length=255)
+    # 12 digits with 2 after the point caps it at 9999999999.99, as DECIMAL(12,2) does.
+    amount: Decimal = Field(max_digits=12, decimal_places=2, gt=0, sa_type=DECIMAL(12, 2))
+    customer_id: int = Field(ge=1, le=2_147_483_647, foreign_key="customer.customer_id")
+
+
+# The invoice table: adds the server-owned id, status and timestamps.
+class Invoice(InvoiceBase, table=True):
+    id: str = Field(primary_key=True, max_length=36, sa_type=CHAR(36))
+    invoice_status: InvoiceStatus = Field(
+        default=InvoiceStatus.PENDING,
+        sa_type=String(10),
+        sa_column_kwargs={"server_default": InvoiceStatus.PENDING.value},
+    )
+    created_at: datetime | None = Field(
+        default=None,
+        nullable=False,
+        sa_type=timestamp_column(),
+        sa_column_kwargs={"server_default": text("CURRENT_TIMESTAMP(6)")},
+    )
+    modified_at: datetime | None = Field(
+        default=None,
+        nullable=False,
+        sa_type=timestamp_column(),
+        sa_column_kwargs={
+            "server_default": text("CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)")
+        },
+    )
+
+
+# One attempt to charge a card for an invoice; holds the masked number only.
+class Payment(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigInteger)
+    invoice_id: str = Field(foreign_key="invoice.id", max_length=36, sa_type=CHAR(36))
+    card_number: str = Field(max_length=18, sa_type=CHAR(18))
+    card_name: str = Field(max_length=50)
+    card_expiry: str = Field(max_length=7, sa_type=CHAR(7))
+    payment_status: PaymentStatus = Field(
+        default=PaymentStatus.PROCESSING,
+        sa_type=String(10),
+        sa_column_kwargs={"server_default": PaymentStatus.PROCESSING.value},
+    )
+    reason: str | None = Field(default=None, max_length=255)
+    created_at: datetime | None = Field(
+        default=None,
+        nullable=False,
+        sa_type=timestamp_column(),
+        sa_column_kwargs={"server_default": text("CURRENT_TIMESTAMP(6)")},
+    )
+    modified_at: datetime | None = Field(
+        default=None,
+        nullable=False,
+        sa_type=timestamp_column(),
+        sa_column_kwargs={
+            "server_default": text("CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)")
+        },
+    )
+
+
+# A card as shown back to a client: masked number, expiry and name as sent to the provider.
+class MaskedCard(CamelModel):
+    number: str = Field(schema_extra={"examples": ["123456********5678"]})
+    expiry: str = Field(schema_extra={"examples": ["01-2040"]})
+    name: str = Field(schema_extra={"examples": ["J Doe"]})
+
+
+# A card a client pays with. The number is a secret: only the provider request reveals it.
+class Card(CamelModel):
+    number: SecretStr = Field(
+        description="16 digits; spaces and dashes between them are ignored",
+        schema_extra={"examples": ["1234 5656 7822 5678"]},
+    )
+    expiry: str = Field(
+        description="MM-YYYY, not in the past", schema_extra={"examples": ["01-2040"]}
+    )
+    name: str = Field(
+        description="letters and spaces, 1-50 characters", schema_extra={"examples": ["Work Card"]}
+    )
+
+    @field_validator("number", mode="before")
+    @classmethod
+    def normalise_number(cls, value: object) -> SecretStr:
+        if not isinstance(value, str):
+            raise ValueError("card number must be a JSON string of 16 digits")
+        digits = CARD_NUMBER_SEPARATORS.sub("", value)
+        if not CARD_NUMBER.fullmatch(digits):
+            raise ValueError(
+                "card number must be 16 digits, optionally grouped with spaces or dashes"
+            )
+        return SecretStr(digits)
+
+    @field_validator("expiry")
+    @classmethod
+    def check_expiry(cls, value: str) -> str:
+        match = CARD_EXPIRY.fullmatch(value)
+        if match is None:
+            raise ValueError("card expiry must be MM-YYYY with a month from 01 to 12")
+        month, year = int(match.group(1)), int(match.group(2))
+        now = datetime.now(UTC)
+        if (year, month) < (now.year, now.month):
+            raise ValueError("card has expired: expiry must not be before the current month")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def check_name(cls, value: str) -> str:
+        name = value.strip()
+        if not 1 <= len(name) <= 50 or not CARD_NAME.fullmatch(name):
+            raise ValueError("card name must be 1-50 ASCII letters and spaces")
+        return name
+
+    def masked(self) -> MaskedCard:
+        return MaskedCard(
+            number=mask_card_number(self.number.get_secret_value()),
+            expiry=self.expiry,
+            name=self.name,
+        )
+
+
+# The body of POST /invoice: an invoice to create, optionally paid at once by card.
+class InvoiceCreate(InvoiceBase):
+    card: Card | None = None
+
+    @field_validator("job_description")
+    @classmethod
+    def check_job_description(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("job description must not be blank")
+        return require_utf8(value)
+
+
+# The challenge's InvoiceResponse: an invoice with its customer and, once paid, the card.
+class InvoicePublic(InvoiceBase):
+    id: uuid.UUID
+    card: Annotated[MaskedCard | None, PydanticField(exclude_if=lambda card: card is None)] = None
+    customer_name: str
+    customer_email: str
+    invoice_status: InvoiceStatus
+
+    @field_serializer("amount", when_used="json")
+    def amount_as_number(self, amount: Decimal) -> float:
+        # At most 12 significant digits, so the float's shortest repr is exactly the decimal.
+        return float(amount)
+
+
+# Body of every error reply: FastAPI's shape.
+class ErrorDetail(SQLModel):
+    detail: Any = Field(
+        schema_extra={"examples": ["Invoice 8176929e-5484-462b-9758-c74ac68f7892 not found"]}
+    )

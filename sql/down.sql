@@ -1,0 +1,5 @@
+-- Drops the invoice tables from the current database (children first).
+
+DROP TABLE IF EXISTS payment;
+DROP TABLE IF EXISTS invoice;
+DROP TABLE IF EXISTS customer;

@@ -1,0 +1,63 @@
+-- Creates the invoice tables in the current database and loads the seed data.
+-- MySQL 8 compatible; also runs on MariaDB 10.6 and later.
+
+CREATE TABLE customer (
+    customer_id    INT          NOT NULL AUTO_INCREMENT,
+    customer_name  VARCHAR(100) NOT NULL,
+    customer_email VARCHAR(255) NOT NULL,
+    PRIMARY KEY (customer_id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+
+CREATE TABLE invoice (
+    id              CHAR(36)      NOT NULL,
+    customer_id     INT           NOT NULL,
+    job_description VARCHAR(255)  NOT NULL,
+    amount          DECIMAL(12,2) NOT NULL,
+    invoice_status  VARCHAR(10)   NOT NULL DEFAULT 'PENDING',
+    created_at      DATETIME(6)   NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    modified_at     DATETIME(6)   NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (id),
+    CONSTRAINT fk_invoice_customer FOREIGN KEY (customer_id) REFERENCES customer (customer_id),
+    CONSTRAINT ck_invoice_amount CHECK (amount > 0),
+    CONSTRAINT ck_invoice_status CHECK (invoice_status IN ('PENDING', 'PAID', 'CANCELLED')),
+    -- GET /invoices: newest first, with and without the status filter
+    INDEX ix_invoice_created (created_at, id),
+    INDEX ix_invoice_status_created (invoice_status, created_at, id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+
+-- One row per attempt to charge a card for an invoice; never the full card number.
+CREATE TABLE payment (
+    id             BIGINT       NOT NULL AUTO_INCREMENT,
+    invoice_id     CHAR(36)     NOT NULL,
+    card_number    CHAR(18)     NOT NULL,
+    card_name      VARCHAR(50)  NOT NULL,
+    card_expiry    CHAR(7)      NOT NULL,
+    payment_status VARCHAR(10)  NOT NULL DEFAULT 'PROCESSING',
+    reason         VARCHAR(255) NULL,
+    created_at     DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    modified_at    DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (id),
+    CONSTRAINT fk_payment_invoice FOREIGN KEY (invoice_id) REFERENCES invoice (id),
+    CONSTRAINT ck_payment_status CHECK (
+        payment_status IN ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', 'ABANDONED')),
+    INDEX ix_payment_invoice_status (invoice_id, payment_status)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+
+INSERT INTO customer (customer_id, customer_name, customer_email) VALUES
+    (1, 'John Doe', 'john.doe@example.com'),
+    (2, 'Jane Smith', 'jane.smith@example.com'),
+    (3, 'Seth Hall', 'seth.hall@paymark.co.nz'),
+    (4, 'Amanda Lee', 'amanda.lee@paymark.co.nz'),
+    (5, 'Robert Smith', 'rob.smith@email.com');
+
+INSERT INTO invoice (id, customer_id, job_description, amount, invoice_status, created_at, modified_at) VALUES
+    ('6f53c4e0-0369-11f0-8d97-7c646cb7c0bc', 1, 'Website Development', 450.75, 'PAID',
+        '2025-03-17 09:00:00', '2025-03-17 09:00:00'),
+    ('6f53c6a2-0369-11f0-8d97-7c646cb7c0bc', 1, 'Graphic Design Service', 220.50, 'PAID',
+        '2025-03-17 09:05:00', '2025-03-17 09:05:00'),
+    ('6f53c715-0369-11f0-8d97-7c646cb7c0bc', 3, 'SEO Optimization', 175.00, 'PENDING',
+        '2025-03-17 09:10:00', '2025-03-17 09:10:00'),
+    ('a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc', 4, 'Software License Fee', 99.99, 'CANCELLED',
+        '2025-03-17 09:15:00', '2025-03-17 09:15:00'),
+    ('6f53c7be-0369-11f0-8d97-7c646cb7c0bc', 3, 'Consultation Service', 300.25, 'PENDING',
+        '2025-03-17 09:20:00', '2025-03-17 09:20:00');
