@@ -34,9 +34,9 @@ lint: install ## ruff, ruff format --check, mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
-format: install ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix .
+format: install ## apply ruff's formatting and fixes
 	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 db-up: install ## start the private database server if needed; create the schema if missing
 	@$(STACK) db-up

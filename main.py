@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.models import Example
 from fastapi.responses import JSONResponse
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
@@ -249,7 +250,7 @@ async def validation_error_handler(request: Request, error: RequestValidationErr
     """FastAPI's 422 body without the `input` it normally echoes, which may be a card number."""
     detail = []
     for item in error.errors():
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "json_invalid":
             message = f"Invalid JSON: {item.get('ctx', {}).get('error', 'cannot be parsed')}"
         detail.append({"type": item["type"], "loc": list(item["loc"]), "msg": message})
@@ -372,6 +373,34 @@ PAYMENT_FAILURES: Responses = {
 }
 
 
+SEEDED_PENDING_ID = "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
+CREATE_EXAMPLES: dict[str, Example] = {
+    "without card": {
+        "summary": "A PENDING invoice",
+        "value": {
+            "jobDescription": "Software Development and Testing",
+            "amount": 199.99,
+            "customerId": 2,
+        },
+    },
+    "with card": {
+        "summary": "An invoice paid at once",
+        "value": {
+            "jobDescription": "Software License Fee",
+            "amount": 99.99,
+            "customerId": 1,
+            "card": {"number": "1234567812345678", "name": "J Doe", "expiry": "01-2040"},
+        },
+    },
+}
+PAY_EXAMPLES: dict[str, Example] = {
+    "Work Card": {
+        "summary": "The challenge's card, spaces and all",
+        "value": {"number": "1234 5656 7822 5678", "expiry": "01-2040", "name": "Work Card"},
+    }
+}
+
+
 class HealthStatus(SQLModel):
     status: Literal["UP", "DOWN"]
 
@@ -410,7 +439,9 @@ def read_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoicePublic:
     responses={404: error("No customer has this id; nothing was written"), **PAYMENT_FAILURES},
 )
 def create_invoice(
-    request: InvoiceCreate, session: SessionDep, fakepay: FakePayDep
+    request: Annotated[InvoiceCreate, Body(openapi_examples=CREATE_EXAMPLES)],
+    session: SessionDep,
+    fakepay: FakePayDep,
 ) -> InvoicePublic:
     """Create a PENDING invoice; with a card, also pay it at once.
 
@@ -436,7 +467,12 @@ def create_invoice(
     },
 )
 def pay_pending_invoice(
-    invoice_id: uuid.UUID, card: Card, session: SessionDep, fakepay: FakePayDep
+    invoice_id: Annotated[
+        uuid.UUID, Path(openapi_examples={"seeded PENDING invoice": {"value": SEEDED_PENDING_ID}})
+    ],
+    card: Annotated[Card, Body(openapi_examples=PAY_EXAMPLES)],
+    session: SessionDep,
+    fakepay: FakePayDep,
 ) -> InvoicePublic:
     """Pay a PENDING invoice by card; FakePay's transactionId is the invoice id."""
     paid, customer, masked = pay_invoice(session, fakepay, str(invoice_id), card)

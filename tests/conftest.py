@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ os.environ.update(TEST_ENV)
 app_settings.settings = app_settings.Settings()
 
 from db import apply_script, create_database, engine  # noqa: E402
+from tests.stand_in import StandInProvider  # noqa: E402
 
 
 @dataclass
@@ -162,3 +163,30 @@ def live_server(
 def http(live_server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live_server.url, timeout=30) as http_client:
         yield http_client
+
+
+@pytest.fixture
+def use_provider(client: Any) -> Iterator[Callable[[str], None]]:
+    """Point the app under test at another provider URL for one test."""
+    from main import app
+    from payments import FakePayClient
+
+    original = app.state.fakepay
+    replacements: list[FakePayClient] = []
+
+    def use(url: str) -> None:
+        replacement = FakePayClient(app_settings.settings.model_copy(update={"fakepay_url": url}))
+        replacements.append(replacement)
+        app.state.fakepay = replacement
+
+    yield use
+    app.state.fakepay = original
+    for replacement in replacements:
+        replacement.close()
+
+
+@pytest.fixture
+def stand_in(use_provider: Callable[[str], None]) -> Iterator[StandInProvider]:
+    with StandInProvider() as provider:
+        use_provider(provider.url)
+        yield provider

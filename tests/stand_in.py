@@ -1,0 +1,81 @@
+"""A misbehaving payment provider over real HTTP, for the faults the real FakePay never shows."""
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Behaviour:
+    status: int = 200
+    body: bytes = b'{"message": "Payment processed successfully"}'
+    delay_s: float = 0.0
+
+
+class StandInProvider:
+    """Answers every POST with the current `behaviour`; counts what it received."""
+
+    def __init__(self) -> None:
+        self.behaviour = Behaviour()
+        self.received: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with provider._lock:
+                    provider.received.append(json.loads(body))
+                    behaviour = provider.behaviour
+                time.sleep(behaviour.delay_s)
+                self.send_response(behaviour.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(behaviour.body)))
+                self.end_headers()
+                self.wfile.write(behaviour.body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/fakepay"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def answer(self, status: int, body: bytes | dict[str, Any], delay_s: float = 0.0) -> None:
+        encoded = json.dumps(body).encode() if isinstance(body, dict) else body
+        self.behaviour = Behaviour(status, encoded, delay_s)
+
+    def requests_for(self, transaction_id: str) -> list[dict[str, Any]]:
+        return [body for body in self.received if body.get("transactionId") == transaction_id]
+
+    def __enter__(self) -> "StandInProvider":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@contextmanager
+def silent_provider() -> Iterator[str]:
+    """A provider that accepts connections and never replies: the kernel completes the
+    handshake from the listen backlog, and nothing ever reads the request."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/fakepay"
+
+
+def refusing_provider_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/fakepay"

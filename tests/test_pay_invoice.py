@@ -1,0 +1,312 @@
+"""POST /invoice/pay/{invoice_id}, and how every provider outcome leaves the invoice."""
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlmodel import Session, select
+
+from db import engine
+from models import Payment
+from tests.conftest import FakePayProcess
+from tests.stand_in import StandInProvider, refusing_provider_url, silent_provider
+
+WORK_CARD = {"number": "1234 5656 7822 5678", "expiry": "01-2040", "name": "Work Card"}
+MASKED_WORK_CARD = {"number": "123456********5678", "expiry": "01-2040", "name": "Work Card"}
+SEEDED_PENDING = "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
+SEEDED_CANCELLED = "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"
+SEEDED_PAID = "6f53c4e0-0369-11f0-8d97-7c646cb7c0bc"
+
+
+def pending_invoice(client: Any, **overrides: Any) -> str:
+    body = {"jobDescription": "Building Payment System", "amount": 299.99, "customerId": 3}
+    response = client.post("/invoice", json={**body, **overrides})
+    assert response.status_code == 201
+    invoice_id: str = response.json()["id"]
+    return invoice_id
+
+
+def attempts(invoice_id: str) -> list[tuple[str, str | None]]:
+    with Session(engine) as session:
+        rows = session.exec(
+            select(Payment).where(Payment.invoice_id == invoice_id).order_by(Payment.id)  # type: ignore[arg-type]
+        ).all()
+    return [(row.payment_status, row.reason) for row in rows]
+
+
+def status_of(client: Any, invoice_id: str) -> str:
+    status: str = client.get(f"/invoice/{invoice_id}").json()["invoiceStatus"]
+    return status
+
+
+def test_pay_matches_the_challenge_example(client: Any) -> None:
+    invoice_id = pending_invoice(client)
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+    assert response.json() == {
+        "id": invoice_id,
+        "jobDescription": "Building Payment System",
+        "customerId": 3,
+        "amount": 299.99,
+        "card": MASKED_WORK_CARD,
+        "customerName": "Seth Hall",
+        "customerEmail": "seth.hall@paymark.co.nz",
+        "invoiceStatus": "PAID",
+    }
+
+
+def test_pay_sends_the_invoice_id_and_plain_digits_to_fakepay(
+    client: Any, fakepay: FakePayProcess
+) -> None:
+    invoice_id = pending_invoice(client)
+
+    client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    (received,) = fakepay.requests_for(invoice_id)
+    assert received["request"] == {"transactionId": invoice_id, "card": MASKED_WORK_CARD}
+    assert received["status"] == 200
+
+
+def test_paid_invoice_is_stored_paid_with_its_card(client: Any) -> None:
+    invoice_id = pending_invoice(client)
+    client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    data = client.get(f"/invoice/{invoice_id}").json()
+
+    assert data["invoiceStatus"] == "PAID"
+    assert data["card"] == MASKED_WORK_CARD
+    assert attempts(invoice_id) == [("SUCCEEDED", None)]
+
+
+def test_pay_seeded_pending_invoice(client: Any, seeded_database: None) -> None:
+    response = client.post(f"/invoice/pay/{SEEDED_PENDING}", json=WORK_CARD)
+
+    assert response.status_code == 201
+    data = response.json()
+    assert data["jobDescription"] == "SEO Optimization"
+    assert data["amount"] == 175.0
+    assert data["invoiceStatus"] == "PAID"
+
+
+def test_paying_twice_is_409_and_charges_once(client: Any, fakepay: FakePayProcess) -> None:
+    invoice_id = pending_invoice(client)
+    client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 409
+    assert response.json() == {
+        "detail": f"Invoice {invoice_id} is PAID; only PENDING invoices can be paid"
+    }
+    assert len(fakepay.requests_for(invoice_id)) == 1
+
+
+@pytest.mark.parametrize(
+    ("invoice_id", "status"), [(SEEDED_CANCELLED, "CANCELLED"), (SEEDED_PAID, "PAID")]
+)
+def test_pay_non_pending_seeded_invoice_is_409_naming_its_status(
+    client: Any, seeded_database: None, invoice_id: str, status: str
+) -> None:
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 409
+    assert response.json() == {
+        "detail": f"Invoice {invoice_id} is {status}; only PENDING invoices can be paid"
+    }
+
+
+def test_pay_unknown_invoice_is_404(client: Any) -> None:
+    unknown = "00000000-0000-4000-8000-000000000000"
+
+    response = client.post(f"/invoice/pay/{unknown}", json=WORK_CARD)
+
+    assert response.status_code == 404
+    assert response.json() == {"detail": f"Invoice {unknown} not found"}
+
+
+def test_pay_malformed_id_is_422(client: Any) -> None:
+    response = client.post("/invoice/pay/12345", json=WORK_CARD)
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["path", "invoice_id"]
+
+
+def last_month() -> str:
+    now = datetime.now(UTC)
+    year, month = (now.year, now.month - 1) if now.month > 1 else (now.year - 1, 12)
+    return f"{month:02d}-{year}"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("number", "1234 5656 7822 567", "card number must be 16 digits"),
+        ("number", "1234 5656 7822 56789", "card number must be 16 digits"),
+        ("number", "1234x5656y7822z5678", "card number must be 16 digits"),
+        ("number", "\uff11" * 16, "card number must be 16 digits"),  # fullwidth digits
+        ("number", 1234565678225678, "card number must be a JSON string of 16 digits"),
+        ("expiry", "13-2040", "card expiry must be MM-YYYY with a month from 01 to 12"),
+        ("expiry", "1-2040", "card expiry must be MM-YYYY with a month from 01 to 12"),
+        ("expiry", "01/2040", "card expiry must be MM-YYYY with a month from 01 to 12"),
+        ("expiry", last_month(), "card has expired: expiry must not be before the current month"),
+        ("name", "J0hn", "card name must be 1-50 ASCII letters and spaces"),
+        ("name", "   ", "card name must be 1-50 ASCII letters and spaces"),
+        ("name", "A" * 51, "card name must be 1-50 ASCII letters and spaces"),
+        ("name", "Zoë", "card name must be 1-50 ASCII letters and spaces"),
+    ],
+)
+def test_bad_card_is_422_naming_field_and_rule(
+    client: Any, field: str, value: object, message: str
+) -> None:
+    invoice_id = pending_invoice(client)
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json={**WORK_CARD, field: value})
+
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", field]
+    assert error["msg"].startswith(message)
+    assert status_of(client, invoice_id) == "PENDING"
+    assert attempts(invoice_id) == []
+
+
+def test_card_expiring_this_month_is_accepted(client: Any) -> None:
+    now = datetime.now(UTC)
+    invoice_id = pending_invoice(client)
+
+    response = client.post(
+        f"/invoice/pay/{invoice_id}", json={**WORK_CARD, "expiry": f"{now.month:02d}-{now.year}"}
+    )
+
+    assert response.status_code == 201
+
+
+def test_validation_comes_before_lookup(client: Any) -> None:
+    response = client.post(
+        "/invoice/pay/00000000-0000-4000-8000-000000000000", json={**WORK_CARD, "number": "1"}
+    )
+
+    assert response.status_code == 422
+
+
+def test_decline_is_402_with_fakepay_reason_and_invoice_stays_pending(
+    client: Any, stand_in: StandInProvider
+) -> None:
+    invoice_id = pending_invoice(client)
+    stand_in.answer(400, {"error": "payment failed", "reason": "Insufficient funds"})
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 402
+    assert response.json() == {
+        "detail": f"Payment for invoice {invoice_id} was declined by FakePay: Insufficient funds"
+    }
+    assert status_of(client, invoice_id) == "PENDING"
+    assert attempts(invoice_id) == [("DECLINED", "Insufficient funds")]
+
+
+def test_provider_refusing_connections_is_502(
+    client: Any, use_provider: Callable[[str], None]
+) -> None:
+    invoice_id = pending_invoice(client)
+    use_provider(refusing_provider_url())
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 502
+    assert response.json() == {
+        "detail": f"Invoice {invoice_id} was not charged: FakePay could not be reached. "
+        "It is still PENDING; pay it again later"
+    }
+    assert status_of(client, invoice_id) == "PENDING"
+    assert attempts(invoice_id) == [("FAILED", "FakePay could not be reached")]
+
+
+@pytest.mark.parametrize("status", [500, 503, 404, 302])
+def test_provider_answering_another_status_is_502(
+    client: Any, stand_in: StandInProvider, status: int
+) -> None:
+    invoice_id = pending_invoice(client)
+    stand_in.answer(status, b"<html>oops</html>")
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 502
+    assert f"FakePay answered HTTP {status}" in response.json()["detail"]
+    assert invoice_id in response.json()["detail"]
+    assert status_of(client, invoice_id) == "PENDING"
+
+
+def test_provider_200_with_garbage_body_is_paid(client: Any, stand_in: StandInProvider) -> None:
+    invoice_id = pending_invoice(client)
+    stand_in.answer(200, b"\x00not json at all")
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+    assert response.json()["invoiceStatus"] == "PAID"
+
+
+def test_provider_timeout_is_504_and_outcome_unknown(
+    client: Any, use_provider: Callable[[str], None]
+) -> None:
+    invoice_id = pending_invoice(client)
+
+    with silent_provider() as url:
+        use_provider(url)
+        response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 504
+    assert response.json() == {
+        "detail": f"Payment for invoice {invoice_id} has an unknown outcome: FakePay did not "
+        "reply within 2 s. It is still PENDING; paying again reuses the same transactionId"
+    }
+    assert status_of(client, invoice_id) == "PENDING"
+    assert attempts(invoice_id) == [("UNKNOWN", "FakePay did not reply within 2 s")]
+
+
+def test_slow_reply_inside_the_timeout_is_paid(client: Any, stand_in: StandInProvider) -> None:
+    invoice_id = pending_invoice(client)
+    stand_in.answer(200, {"message": "Payment processed successfully"}, delay_s=1.0)
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+
+
+def test_failed_payment_can_be_paid_again_after_recovery_with_same_transaction_id(
+    client: Any, stand_in: StandInProvider
+) -> None:
+    invoice_id = pending_invoice(client)
+    stand_in.answer(500, b"{}")
+    assert client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD).status_code == 502
+
+    stand_in.answer(200, {"message": "Payment processed successfully"})
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+    assert [body["transactionId"] for body in stand_in.requests_for(invoice_id)] == [
+        invoice_id,
+        invoice_id,
+    ]
+    assert attempts(invoice_id) == [("FAILED", "FakePay answered HTTP 500"), ("SUCCEEDED", None)]
+
+
+def test_create_with_card_declined_is_402_naming_the_new_pending_invoice(
+    client: Any, stand_in: StandInProvider
+) -> None:
+    stand_in.answer(400, {"error": "payment failed", "reason": "Card blocked"})
+    body = {"jobDescription": "Audit", "amount": 50, "customerId": 4, "card": WORK_CARD}
+
+    response = client.post("/invoice", json=body)
+
+    assert response.status_code == 402
+    (received,) = stand_in.received
+    invoice_id = received["transactionId"]
+    assert response.json() == {
+        "detail": f"Payment for invoice {invoice_id} was declined by FakePay: Card blocked"
+    }
+    assert status_of(client, invoice_id) == "PENDING"
