@@ -196,13 +196,14 @@ class RequestContextMiddleware:
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.fakepay = FakePayClient(settings)
+async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    """One pooled FakePay client per process, handed to requests as lifespan state."""
+    fakepay = FakePayClient(settings)
     logger.info("invoice API started; FakePay at {}", settings.fakepay_url)
     try:
-        yield
+        yield {"fakepay": fakepay}
     finally:
-        app.state.fakepay.close()
+        fakepay.close()
 
 
 app = FastAPI(
@@ -237,7 +238,7 @@ async def payment_error_handler(request: Request, error: PaymentError) -> JSONRe
 @app.exception_handler(sa_exc.InterfaceError)
 @app.exception_handler(sa_exc.TimeoutError)
 async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
-    logger.error("database unavailable: {}", type(error).__name__)
+    logger.error("database unavailable: {}: {}", type(error).__name__, getattr(error, "orig", ""))
     return JSONResponse(
         {"detail": "The database is unavailable; try again shortly"},
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -365,6 +366,10 @@ def error(description: str) -> dict[str, Any]:
 
 
 DATABASE_DOWN: Responses = {503: error("The database is unavailable")}
+BAD_BODY: Responses = {
+    400: error("The body could not be read (it is not UTF-8 text)"),
+    413: error("The body is larger than 64 KiB"),
+}
 PAYMENT_FAILURES: Responses = {
     402: error("FakePay declined the card; the invoice stays PENDING"),
     502: error("FakePay unreachable or failing; the invoice stays PENDING"),
@@ -436,7 +441,11 @@ def read_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoicePublic:
     tags=["invoices"],
     response_model=InvoicePublic,
     status_code=status.HTTP_201_CREATED,
-    responses={404: error("No customer has this id; nothing was written"), **PAYMENT_FAILURES},
+    responses={
+        404: error("No customer has this id; nothing was written"),
+        **BAD_BODY,
+        **PAYMENT_FAILURES,
+    },
 )
 def create_invoice(
     request: Annotated[InvoiceCreate, Body(openapi_examples=CREATE_EXAMPLES)],
@@ -463,6 +472,7 @@ def create_invoice(
     responses={
         404: error("No invoice has this id"),
         409: error("The invoice is not PENDING, or a payment for it is in progress"),
+        **BAD_BODY,
         **PAYMENT_FAILURES,
     },
 )

@@ -196,7 +196,7 @@ def declined_reason(response: httpx.Response) -> str:
 
 
 def get_fakepay(request: Request) -> FakePayClient:
-    client: FakePayClient = request.app.state.fakepay
+    client: FakePayClient = request.state.fakepay
     return client
 
 
@@ -257,12 +257,9 @@ def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
 
 
 def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+    """Record the outcome. A success takes the invoice row first, the lock every claim takes
+    first too, so a settle and a concurrent claim can never deadlock on the payment index."""
     with session.begin():
-        session.execute(
-            update(Payment)
-            .where(col(Payment.id) == claimed.payment_id)
-            .values(payment_status=result.status, reason=result.reason)
-        )
         if result.status == PaymentStatus.SUCCEEDED:
             session.execute(
                 update(Invoice)
@@ -270,6 +267,11 @@ def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> N
                 .values(invoice_status=InvoiceStatus.PAID)
             )
             claimed.invoice.invoice_status = InvoiceStatus.PAID
+        session.execute(
+            update(Payment)
+            .where(col(Payment.id) == claimed.payment_id)
+            .values(payment_status=result.status, reason=result.reason)
+        )
 
 
 def pay_invoice(

@@ -79,6 +79,22 @@ class FakePayProcess:
         ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `after_everything` inspect what the whole run left behind: run them last."""
+    items.sort(key=lambda item: item.get_closest_marker("after_everything") is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def app_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Everything the in-process app logs, kept for the card-data check at the end."""
+    from loguru import logger
+
+    path = tmp_path_factory.mktemp("inprocess") / "app.log"
+    sink_id = logger.add(path, level="DEBUG", serialize=True)
+    yield path
+    logger.remove(sink_id)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def database() -> None:
     """A database of the tests' own, built by the project's own up.sql."""
@@ -169,18 +185,17 @@ def http(live_server: LiveServer) -> Iterator[httpx.Client]:
 def use_provider(client: Any) -> Iterator[Callable[[str], None]]:
     """Point the app under test at another provider URL for one test."""
     from main import app
-    from payments import FakePayClient
+    from payments import FakePayClient, get_fakepay
 
-    original = app.state.fakepay
     replacements: list[FakePayClient] = []
 
     def use(url: str) -> None:
         replacement = FakePayClient(app_settings.settings.model_copy(update={"fakepay_url": url}))
         replacements.append(replacement)
-        app.state.fakepay = replacement
+        app.dependency_overrides[get_fakepay] = lambda: replacement
 
     yield use
-    app.state.fakepay = original
+    app.dependency_overrides.pop(get_fakepay, None)
     for replacement in replacements:
         replacement.close()
 

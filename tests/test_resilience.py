@@ -1,0 +1,257 @@
+"""What happens when things go wrong, over real HTTP against live uvicorn processes."""
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlmodel import Session, col, select, text
+
+from db import engine
+from models import Payment, PaymentStatus
+from settings import settings
+from tests.conftest import FakePayProcess, start_live_server
+from tests.stand_in import silent_provider
+from tests.tcp_proxy import TcpProxy
+
+WORK_CARD = {"number": "1234 5656 7822 5678", "expiry": "01-2040", "name": "Work Card"}
+
+
+def create_pending(http: httpx.Client) -> str:
+    body = {"jobDescription": "Concurrency", "amount": "42.00", "customerId": 3}
+    response = http.post("/invoice", json=body)
+    assert response.status_code == 201
+    invoice_id: str = response.json()["id"]
+    return invoice_id
+
+
+def fire_together(count: int, request: "RequestFn") -> list[httpx.Response]:
+    """`count` requests released at the same instant from their own threads."""
+    barrier = threading.Barrier(count)
+
+    def go(_: int) -> httpx.Response:
+        barrier.wait()
+        return request()
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(go, range(count)))
+
+
+class RequestFn:
+    def __init__(self, url: str, path: str, body: object) -> None:
+        self.url, self.path, self.body = url, path, body
+
+    def __call__(self) -> httpx.Response:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            return http.post(self.path, json=self.body)
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    database: None, fakepay: FakePayProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    process, url = start_live_server(tmp_path_factory.mktemp("workers") / "app.log", workers=2)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            deadline = time.monotonic() + 15
+            while http.get("/health-check").status_code != 200:  # both workers up
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("round_number", range(3))
+def test_concurrent_pays_of_one_invoice_charge_once(
+    two_workers: str, fakepay: FakePayProcess, round_number: int
+) -> None:
+    with httpx.Client(base_url=two_workers, timeout=10) as http:
+        invoice_id = create_pending(http)
+
+    responses = fire_together(20, RequestFn(two_workers, f"/invoice/pay/{invoice_id}", WORK_CARD))
+
+    assert Counter(response.status_code for response in responses) == {201: 1, 409: 19}
+    assert len(fakepay.requests_for(invoice_id)) == 1
+    conflicts = {r.json()["detail"] for r in responses if r.status_code == 409}
+    assert conflicts <= {
+        f"Invoice {invoice_id} is PAID; only PENDING invoices can be paid",
+        f"A payment for invoice {invoice_id} is already in progress; "
+        "check the invoice before paying again",
+    }
+
+
+def insert_attempt(invoice_id: str, age_s: int) -> None:
+    with Session(engine) as session:
+        session.exec(  # type: ignore[call-overload]
+            text(
+                "INSERT INTO payment (invoice_id, card_number, card_name, card_expiry, "
+                "payment_status, created_at) VALUES (:id, '123456********5678', 'Crash', "
+                "'01-2040', 'PROCESSING', NOW(6) - INTERVAL :age SECOND)"
+            ).bindparams(id=invoice_id, age=age_s)
+        )
+        session.commit()
+
+
+def attempt_statuses(invoice_id: str) -> list[str]:
+    with Session(engine) as session:
+        query = select(Payment.payment_status).where(Payment.invoice_id == invoice_id)
+        return list(session.exec(query.order_by(col(Payment.id))).all())
+
+
+def test_attempt_in_flight_blocks_another_pay_with_409(
+    http: httpx.Client, fakepay: FakePayProcess
+) -> None:
+    invoice_id = create_pending(http)
+    insert_attempt(invoice_id, age_s=1)
+
+    response = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 409
+    assert "already in progress" in response.json()["detail"]
+    assert fakepay.requests_for(invoice_id) == []
+
+
+def test_stalled_attempt_is_abandoned_and_the_invoice_paid(
+    http: httpx.Client, fakepay: FakePayProcess
+) -> None:
+    invoice_id = create_pending(http)
+    insert_attempt(invoice_id, age_s=3600)
+
+    response = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+    assert attempt_statuses(invoice_id) == [PaymentStatus.ABANDONED, PaymentStatus.SUCCEEDED]
+    assert fakepay.requests_for(invoice_id)[0]["request"]["transactionId"] == invoice_id
+
+
+@pytest.fixture(scope="module")
+def app_with_hanging_provider(
+    database: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    with silent_provider() as provider_url:
+        process, url = start_live_server(
+            tmp_path_factory.mktemp("hanging") / "app.log",
+            env={"FAKEPAY_URL": provider_url, "FAKEPAY_TIMEOUT": "6"},
+        )
+        try:
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+HANGING_PAYS = 60  # more than the 40 threads that sync routes share
+
+
+def test_hanging_provider_never_stalls_reads_and_creates(app_with_hanging_provider: str) -> None:
+    url = app_with_hanging_provider
+    with httpx.Client(base_url=url, timeout=30) as http:
+        invoice_ids = [create_pending(http) for _ in range(HANGING_PAYS)]
+    pays: list[httpx.Response] = []
+
+    def pay_all() -> None:
+        with ThreadPoolExecutor(max_workers=HANGING_PAYS) as pool:
+            pays.extend(
+                pool.map(lambda i: RequestFn(url, f"/invoice/pay/{i}", WORK_CARD)(), invoice_ids)
+            )
+
+    payer = threading.Thread(target=pay_all)
+    payer.start()
+    time.sleep(1.0)  # the capped payments now wait on the provider
+    with httpx.Client(base_url=url, timeout=30) as http:
+        started = time.monotonic()
+        read = http.get(f"/invoice/{invoice_ids[0]}")
+        created = http.post(
+            "/invoice", json={"jobDescription": "During", "amount": 1, "customerId": 1}
+        )
+        listed = http.get("/invoices")
+        elapsed = time.monotonic() - started
+    payer.join()
+
+    assert (read.status_code, created.status_code, listed.status_code) == (200, 201, 200)
+    assert elapsed < 1.5, f"reads waited {elapsed:.1f} s behind the hanging provider"
+    codes = Counter(response.status_code for response in pays)
+    cap = settings.fakepay_max_concurrency
+    assert codes == {504: cap, 503: HANGING_PAYS - cap}
+    busy = next(response for response in pays if response.status_code == 503)
+    assert busy.headers["retry-after"] == "1"
+    assert "too many payments are in flight" in busy.json()["detail"]
+
+
+def test_timeout_answers_within_the_timeout_plus_one_second(app_with_hanging_provider: str) -> None:
+    with httpx.Client(base_url=app_with_hanging_provider, timeout=30) as http:
+        invoice_id = create_pending(http)
+        started = time.monotonic()
+        response = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 504
+    assert elapsed < 6 + 1
+
+
+@pytest.fixture
+def database_proxy(database: None) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(settings.db_host, settings.db_port)
+    proxy.start()
+    yield proxy
+    proxy.cut()
+
+
+@pytest.fixture
+def app_behind_proxy(
+    database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
+) -> Iterator[str]:
+    process, url = start_live_server(
+        tmp_path / "app.log", env={"DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}"}
+    )
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_app_recovers_when_the_database_comes_back(
+    app_behind_proxy: str, database_proxy: TcpProxy
+) -> None:
+    with httpx.Client(base_url=app_behind_proxy, timeout=10) as http:
+        assert http.get("/health-check").status_code == 200
+        invoice_id = create_pending(http)
+
+        database_proxy.cut()
+        started = time.monotonic()
+        down = http.get("/health-check")
+        read_down = http.get(f"/invoice/{invoice_id}")
+        elapsed = time.monotonic() - started
+        database_proxy.start()
+        up = http.get("/health-check")
+        read_up = http.get(f"/invoice/{invoice_id}")
+
+    assert (down.status_code, down.json()) == (503, {"status": "DOWN"})
+    assert read_down.status_code == 503
+    assert elapsed < 6  # two requests, each within 3 s
+    assert (up.status_code, up.json()) == (200, {"status": "UP"})
+    assert read_up.status_code == 200
+
+
+def test_a_create_that_cannot_reach_the_database_writes_nothing(
+    app_behind_proxy: str, database_proxy: TcpProxy
+) -> None:
+    body = {"jobDescription": "Lost in the outage", "amount": 1, "customerId": 1}
+    with httpx.Client(base_url=app_behind_proxy, timeout=10) as http:
+        database_proxy.cut()
+        response = http.post("/invoice", json=body)
+        database_proxy.start()
+
+    assert response.status_code == 503
+    with Session(engine) as session:
+        found = session.exec(  # type: ignore[call-overload]
+            text("SELECT COUNT(*) FROM invoice WHERE job_description = 'Lost in the outage'")
+        ).one()
+    assert found == (0,)
