@@ -89,6 +89,8 @@ def app_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Everything the in-process app logs, kept for the card-data check at the end."""
     from loguru import logger
 
+    import main  # noqa: F401  (configures logging first, so this sink is added after it)
+
     path = tmp_path_factory.mktemp("inprocess") / "app.log"
     sink_id = logger.add(path, level="DEBUG", serialize=True)
     yield path

@@ -5,7 +5,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,11 +34,12 @@ class StandInProvider:
                     provider.received.append(json.loads(body))
                     behaviour = provider.behaviour
                 time.sleep(behaviour.delay_s)
-                self.send_response(behaviour.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(behaviour.body)))
-                self.end_headers()
-                self.wfile.write(behaviour.body)
+                with suppress(ConnectionError):  # the app may have given up waiting
+                    self.send_response(behaviour.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(behaviour.body)))
+                    self.end_headers()
+                    self.wfile.write(behaviour.body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -277,12 +277,27 @@ def test_slow_reply_inside_the_timeout_is_paid(client: Any, stand_in: StandInPro
     assert response.status_code == 201
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "delay_s", "reply", "recorded"),
+    [
+        (400, b'{"reason": "Do not honour"}', 0.0, 402, ("DECLINED", "Do not honour")),
+        (500, b"{}", 0.0, 502, ("FAILED", "FakePay answered HTTP 500")),
+        (200, b"{}", 3.0, 504, ("UNKNOWN", "FakePay did not reply within 2 s")),
+    ],
+)
 def test_failed_payment_can_be_paid_again_after_recovery_with_same_transaction_id(
-    client: Any, stand_in: StandInProvider
+    client: Any,
+    stand_in: StandInProvider,
+    status: int,
+    body: bytes,
+    delay_s: float,
+    reply: int,
+    recorded: tuple[str, str],
 ) -> None:
     invoice_id = pending_invoice(client)
-    stand_in.answer(500, b"{}")
-    assert client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD).status_code == 502
+    stand_in.answer(status, body, delay_s)
+    assert client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD).status_code == reply
+    assert status_of(client, invoice_id) == "PENDING"
 
     stand_in.answer(200, {"message": "Payment processed successfully"})
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -292,7 +307,7 @@ def test_failed_payment_can_be_paid_again_after_recovery_with_same_transaction_i
         invoice_id,
         invoice_id,
     ]
-    assert attempts(invoice_id) == [("FAILED", "FakePay answered HTTP 500"), ("SUCCEEDED", None)]
+    assert attempts(invoice_id) == [recorded, ("SUCCEEDED", None)]
 
 
 def test_create_with_card_declined_is_402_naming_the_new_pending_invoice(
