@@ -1,11 +1,13 @@
 """Invoice API: create invoices, pay them by card through FakePay, list them in pages."""
 
+import base64
 import logging
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, status
@@ -26,7 +28,9 @@ from models import (
     Invoice,
     InvoiceCreate,
     InvoicePublic,
+    InvoiceScrollPage,
     InvoiceStatus,
+    InvoiceStatusCount,
     MaskedCard,
     Payment,
     PaymentStatus,
@@ -319,21 +323,79 @@ def get_invoice_or_404(session: Session, invoice_id: uuid.UUID) -> InvoicePublic
     return to_public(row)
 
 
+NEWEST_FIRST = (col(Invoice.created_at).desc(), col(Invoice.id).desc())
+
+
+def count_invoices(session: Session, invoice_status: InvoiceStatus | None) -> int:
+    """Exact totals from the per-status counts table: O(1) however many invoices exist."""
+    query = select(func.coalesce(func.sum(InvoiceStatusCount.invoice_count), 0))
+    if invoice_status is not None:
+        query = query.where(InvoiceStatusCount.invoice_status == invoice_status)
+    return int(session.exec(query).one())
+
+
+def filtered_rows(invoice_status: InvoiceStatus | None) -> Any:
+    rows = invoice_rows().order_by(*NEWEST_FIRST)
+    if invoice_status is not None:
+        rows = rows.where(Invoice.invoice_status == invoice_status)
+    return rows
+
+
 def list_page(
     session: Session, invoice_status: InvoiceStatus | None, params: InvoicePageParams
 ) -> Page[InvoicePublic]:
     """Newest first, id as tie-breaker; a page past the end costs no item query."""
-    count = select(func.count()).select_from(Invoice)
-    rows = invoice_rows().order_by(col(Invoice.created_at).desc(), col(Invoice.id).desc())
-    if invoice_status is not None:
-        count = count.where(Invoice.invoice_status == invoice_status)
-        rows = rows.where(Invoice.invoice_status == invoice_status)
-    total = session.exec(count).one()
+    total = count_invoices(session, invoice_status)
     raw = params.to_raw_params().as_limit_offset()
     items: list[InvoicePublic] = []
     if raw.offset is not None and raw.offset < total:
-        items = [to_public(row) for row in session.exec(rows.offset(raw.offset).limit(raw.limit))]
+        query = filtered_rows(invoice_status).offset(raw.offset).limit(raw.limit)
+        items = [to_public(row) for row in session.exec(query)]
     return create_page(items, total=total, params=params)  # type: ignore[return-value]
+
+
+def encode_cursor(invoice: Invoice) -> str:
+    assert invoice.created_at is not None
+    position = f"{invoice.created_at.isoformat()}|{invoice.id}"
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created_at, invoice_id = base64.urlsafe_b64decode(padded).decode().split("|")
+        return datetime.fromisoformat(created_at), str(uuid.UUID(invoice_id))
+    except ValueError:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "cursor"),
+                    "msg": "cursor must be a nextCursor value returned by this endpoint",
+                }
+            ]
+        ) from None
+
+
+def scroll(
+    session: Session, invoice_status: InvoiceStatus | None, size: int, cursor: str | None
+) -> InvoiceScrollPage:
+    """Keyset pagination: continue strictly after the last (created_at, id) seen."""
+    query = filtered_rows(invoice_status)
+    if cursor is not None:
+        created_at, invoice_id = decode_cursor(cursor)
+        query = query.where(
+            (col(Invoice.created_at) < created_at)
+            | ((col(Invoice.created_at) == created_at) & (col(Invoice.id) < invoice_id))
+        )
+    rows = session.exec(query.limit(size + 1)).all()
+    next_cursor = encode_cursor(rows[size - 1][0]) if len(rows) > size else None
+    return InvoiceScrollPage(
+        items=[to_public(row) for row in rows[:size]],
+        total=count_invoices(session, invoice_status),
+        size=size,
+        next_cursor=next_cursor,
+    )
 
 
 def create_pending_invoice(session: Session, request: InvoiceCreate) -> tuple[Invoice, Customer]:
@@ -489,6 +551,11 @@ def pay_pending_invoice(
     return public_invoice(paid, customer, masked)
 
 
+InvoiceStatusQuery = Annotated[
+    InvoiceStatus | None, Query(alias="invoiceStatus", description="Only this status")
+]
+
+
 @app.get(
     "/invoices",
     tags=["invoices"],
@@ -498,9 +565,31 @@ def pay_pending_invoice(
 def list_invoices(
     session: SessionDep,
     params: Annotated[InvoicePageParams, Depends()],
-    invoice_status: Annotated[
-        InvoiceStatus | None, Query(alias="invoiceStatus", description="Only this status")
-    ] = None,
+    invoice_status: InvoiceStatusQuery = None,
 ) -> Page[InvoicePublic]:
-    """Invoices newest first, ten to a page by default."""
+    """Invoices newest first, ten to a page by default.
+
+    For deep scrolling through millions of invoices use `GET /invoices/scroll`, whose cost
+    does not grow with depth.
+    """
     return list_page(session, invoice_status, params)
+
+
+@app.get(
+    "/invoices/scroll",
+    tags=["invoices"],
+    response_model=InvoiceScrollPage,
+    responses=DATABASE_DOWN,
+)
+def scroll_invoices(
+    session: SessionDep,
+    invoice_status: InvoiceStatusQuery = None,
+    size: Annotated[int, Query(ge=1, le=100, description="Invoices per slice")] = 10,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=200, description="`nextCursor` of the previous slice; omit to start"),
+    ] = None,
+) -> InvoiceScrollPage:
+    """Invoices newest first, slice by slice: the same order as `GET /invoices`, at a cost
+    that stays flat however deep you go."""
+    return scroll(session, invoice_status, size, cursor)

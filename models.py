@@ -133,6 +133,14 @@ class Payment(SQLModel, table=True):
     )
 
 
+# Exact invoice totals per status, kept by triggers on the invoice table (see sql/up.sql).
+class InvoiceStatusCount(SQLModel, table=True):
+    __tablename__ = "invoice_status_count"
+
+    invoice_status: str = Field(primary_key=True, max_length=10)
+    invoice_count: int = Field(default=0, sa_type=BigInteger)
+
+
 # A card as shown back to a client: masked number, expiry and name as sent to the provider.
 class MaskedCard(CamelModel):
     number: str = Field(schema_extra={"examples": ["123456********5678"]})
@@ -217,6 +225,16 @@ class InvoicePublic(InvoiceBase):
     def amount_as_number(self, amount: Decimal) -> float:
         # At most 12 significant digits, so the float's shortest repr is exactly the decimal.
         return float(amount)
+
+
+# One slice of GET /invoices/scroll: keyset pagination, as cheap at any depth as on page one.
+class InvoiceScrollPage(CamelModel):
+    items: list[InvoicePublic]
+    total: int = Field(ge=0, description="Invoices matching the filter, over all slices")
+    size: int = Field(ge=1)
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next slice; null after the last one"
+    )
 
 
 # Body of every error reply: FastAPI's shape.

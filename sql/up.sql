@@ -43,6 +43,32 @@ CREATE TABLE payment (
     INDEX ix_payment_invoice_status (invoice_id, payment_status)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 
+-- Exact invoice totals per status for GET /invoices without COUNT(*) over millions of rows.
+-- The triggers on invoice keep them in the same transaction as every insert, status change
+-- and delete, whoever writes.
+CREATE TABLE invoice_status_count (
+    invoice_status VARCHAR(10) NOT NULL,
+    invoice_count  BIGINT      NOT NULL DEFAULT 0,
+    PRIMARY KEY (invoice_status)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+
+INSERT INTO invoice_status_count (invoice_status, invoice_count) VALUES
+    ('PENDING', 0), ('PAID', 0), ('CANCELLED', 0);
+
+CREATE TRIGGER invoice_count_after_insert AFTER INSERT ON invoice FOR EACH ROW
+    UPDATE invoice_status_count SET invoice_count = invoice_count + 1
+    WHERE invoice_status = NEW.invoice_status;
+
+CREATE TRIGGER invoice_count_after_update AFTER UPDATE ON invoice FOR EACH ROW
+    UPDATE invoice_status_count
+    SET invoice_count = invoice_count + IF(invoice_status = NEW.invoice_status, 1, -1)
+    WHERE NEW.invoice_status <> OLD.invoice_status
+      AND invoice_status IN (OLD.invoice_status, NEW.invoice_status);
+
+CREATE TRIGGER invoice_count_after_delete AFTER DELETE ON invoice FOR EACH ROW
+    UPDATE invoice_status_count SET invoice_count = invoice_count - 1
+    WHERE invoice_status = OLD.invoice_status;
+
 INSERT INTO customer (customer_id, customer_name, customer_email) VALUES
     (1, 'John Doe', 'john.doe@example.com'),
     (2, 'Jane Smith', 'jane.smith@example.com'),

@@ -1,0 +1,71 @@
+"""Each request costs as few SQL statements as correctness allows."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from db import engine
+
+CARD = {"number": "1234567812345678", "expiry": "01-2040", "name": "J Doe"}
+
+
+@pytest.fixture
+def statements() -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(engine, "before_cursor_execute", record)
+
+
+def new_invoice(client: Any) -> str:
+    body = {"jobDescription": "Counted", "amount": 1, "customerId": 1}
+    invoice_id: str = client.post("/invoice", json=body).json()["id"]
+    return invoice_id
+
+
+def test_read_invoice_is_one_statement(client: Any, statements: list[str]) -> None:
+    invoice_id = new_invoice(client)
+    statements.clear()
+
+    assert client.get(f"/invoice/{invoice_id}").status_code == 200
+
+    assert statements == ["SELECT"]
+
+
+@pytest.mark.parametrize("params", [{}, {"invoiceStatus": "PAID"}, {"page": 2, "size": 3}])
+def test_list_is_two_statements(client: Any, statements: list[str], params: dict[str, Any]) -> None:
+    assert client.get("/invoices", params=params).status_code == 200
+
+    assert statements == ["SELECT", "SELECT"]
+
+
+def test_scroll_is_two_statements(client: Any, statements: list[str]) -> None:
+    cursor = client.get("/invoices/scroll", params={"size": 1}).json()["nextCursor"]
+    statements.clear()
+
+    assert client.get("/invoices/scroll", params={"cursor": cursor}).status_code == 200
+
+    assert statements == ["SELECT", "SELECT"]
+
+
+def test_create_is_a_lookup_and_an_insert(client: Any, statements: list[str]) -> None:
+    new_invoice(client)
+
+    assert statements == ["SELECT", "INSERT"]
+
+
+def test_pay_is_claim_charge_settle_in_five_statements(client: Any, statements: list[str]) -> None:
+    invoice_id = new_invoice(client)
+    statements.clear()
+
+    assert client.post(f"/invoice/pay/{invoice_id}", json=CARD).status_code == 201
+
+    # claim: lock invoice and customer, look for attempts in flight, record the attempt;
+    # settle: mark the invoice PAID and the attempt SUCCEEDED
+    assert statements == ["SELECT", "SELECT", "INSERT", "UPDATE", "UPDATE"]
