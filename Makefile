@@ -8,7 +8,7 @@ STACK := $(BIN)/python scripts/stack.py
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down clean
+.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ run: install db-up fakepay-up ## serve the API on http://127.0.0.1:8000 with liv
 stop: ## stop FakePay and the private database server (data kept)
 	-@[ -x $(BIN)/python ] && $(STACK) fakepay-down
 	-@[ -x $(BIN)/python ] && $(STACK) db-down
+
+WORKERS ?= 2
+serve: install db-up ## production mode: N uvicorn workers (WORKERS=2), no reload, JSON logs
+	LOG_JSON=true $(BIN)/uvicorn main:app --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
 
 test: install db-up ## run the test suite (its own database, its own FakePay)
 	$(BIN)/pytest
@@ -52,6 +56,14 @@ fakepay-up: install ## start fake_pay.py in the background unless its port answe
 
 fakepay-down: install ## stop the FakePay started by fakepay-up
 	@$(STACK) fakepay-down
+
+N ?= 1000000
+seed: install db-up ## add N realistic invoices to the database in DB_URL (default 1000000)
+	$(BIN)/python scripts/seed.py $(N)
+
+ROWS ?= 200000
+bench: install db-up ## benchmark against a minimal baseline (ROWS=200000); see BENCHMARKS.md
+	$(BIN)/python bench/run.py --rows $(ROWS)
 
 clean: stop ## stop everything and delete .venv, .data and caches
 	rm -rf $(VENV) .data .tools .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,10 @@ card number lives only in `Card` (as a secret, so no repr or log line can show i
 outbound provider request; tables and responses hold the masked form.
 """
 
+import base64
+import random
 import re
+import secrets
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,7 +19,7 @@ from pydantic import ConfigDict, SecretStr, field_serializer, field_validator
 from pydantic import Field as PydanticField
 from pydantic.alias_generators import to_camel
 from sqlalchemy import CHAR, DECIMAL, BigInteger, String, text
-from sqlalchemy.dialects.mysql import DATETIME
+from sqlalchemy.dialects.mysql import DATETIME, TINYINT
 from sqlmodel import Field, SQLModel
 
 CARD_NUMBER_SEPARATORS = re.compile(r"[ -]")
@@ -43,6 +46,28 @@ class PaymentStatus(StrEnum):
 def mask_card_number(number: str) -> str:
     """The only form of a card number that leaves the payment call: 123456********5678."""
     return f"{number[:6]}{'*' * 8}{number[-4:]}"
+
+
+def uuid7(at: datetime | None = None, rng: random.Random | None = None) -> uuid.UUID:
+    """RFC 9562 UUIDv7: Unix milliseconds, then 74 random bits. Ids made one after another
+    sort by time, so new rows land at the end of the primary key, not at random pages."""
+    millis = int((at or datetime.now(UTC)).timestamp() * 1000) & ((1 << 48) - 1)
+    random_bits = rng.getrandbits(74) if rng else secrets.randbits(74)
+    rand_a, rand_b = random_bits >> 62, random_bits & ((1 << 62) - 1)
+    return uuid.UUID(int=millis << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b)
+
+
+def encode_cursor(created_at: datetime, invoice_id: str) -> str:
+    """An opaque position in the newest-first order: the last invoice's (created_at, id)."""
+    position = f"{created_at.isoformat()}|{invoice_id}"
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position in a cursor from `encode_cursor`; ValueError for anything else."""
+    padded = cursor + "=" * (-len(cursor) % 4)
+    created_at, invoice_id = base64.urlsafe_b64decode(padded).decode().split("|")
+    return datetime.fromisoformat(created_at), str(uuid.UUID(invoice_id))
 
 
 def require_utf8(value: str) -> str:
@@ -133,11 +158,12 @@ class Payment(SQLModel, table=True):
     )
 
 
-# Exact invoice totals per status, kept by triggers on the invoice table (see sql/up.sql).
+# Exact invoice totals per status in shard rows, kept by triggers on invoice (sql/up.sql).
 class InvoiceStatusCount(SQLModel, table=True):
     __tablename__ = "invoice_status_count"
 
     invoice_status: str = Field(primary_key=True, max_length=10)
+    shard: int = Field(primary_key=True, sa_type=TINYINT)
     invoice_count: int = Field(default=0, sa_type=BigInteger)
 
 

@@ -232,7 +232,7 @@ def claim(session: Session, invoice_id: str, card: Card, stale_after_s: int) -> 
         if any(not stale for _, stale in in_flight):
             raise PaymentInProgressError(invoice_id)
         if in_flight:
-            session.execute(
+            session.exec(
                 update(Payment)
                 .where(col(Payment.id).in_([payment_id for payment_id, _ in in_flight]))
                 .values(payment_status=PaymentStatus.ABANDONED, reason="superseded after a stall")
@@ -261,13 +261,13 @@ def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> N
     first too, so a settle and a concurrent claim can never deadlock on the payment index."""
     with session.begin():
         if result.status == PaymentStatus.SUCCEEDED:
-            session.execute(
+            session.exec(
                 update(Invoice)
                 .where(col(Invoice.id) == claimed.invoice.id)
                 .values(invoice_status=InvoiceStatus.PAID)
             )
             claimed.invoice.invoice_status = InvoiceStatus.PAID
-        session.execute(
+        session.exec(
             update(Payment)
             .where(col(Payment.id) == claimed.payment_id)
             .values(payment_status=result.status, reason=result.reason)

@@ -129,7 +129,8 @@ def start(binary: str, config: Settings) -> None:
         f"--log-error={ERROR_LOG}",
         "--skip-name-resolve",
         "--character-set-server=utf8mb4",
-        "--innodb-buffer-pool-size=512M",
+        "--innodb-buffer-pool-size=1G",
+        "--innodb-log-file-size=512M",
         "--max-connections=400",
         *user_args(),
     ]

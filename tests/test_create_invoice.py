@@ -35,7 +35,7 @@ def test_create_without_card_matches_the_challenge_example(client: Any) -> None:
 
     assert response.status_code == 201
     data = response.json()
-    assert uuid.UUID(data.pop("id")).version == 4
+    assert uuid.UUID(data.pop("id")).version == 7  # time-ordered: new rows append to the key
     assert data == {
         "jobDescription": "Software Development and Testing",
         "customerId": 2,

@@ -17,7 +17,8 @@ TABLES = sorted(SQLModel.metadata.tables)
 def type_name(sql_type: Any) -> str:
     """Compiled MySQL type without integer display widths, which MariaDB adds on reflection."""
     compiled = str(sql_type.compile(dialect=mysql.dialect())).upper()
-    return re.sub(r"^(INTEGER|BIGINT|INT)\(\d+\)", r"\1", compiled).replace("INT(", "INTEGER(")
+    compiled = re.sub(r"^(TINYINT|SMALLINT|MEDIUMINT|INTEGER|INT|BIGINT)\(\d+\)$", r"\1", compiled)
+    return "INTEGER" if compiled == "INT" else compiled
 
 
 def test_models_and_up_sql_define_the_same_tables() -> None:

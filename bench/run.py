@@ -1,0 +1,469 @@
+"""`make bench`: the app against a minimal baseline, measured side by side in one run.
+
+The machine is shared and its speed drifts, so every figure that matters is a ratio to a
+baseline measured in the same run, alternating the two so drift hits both, and each figure is
+the median of several rounds. Load comes from wrk on loopback.
+
+    python bench/run.py [--rows N] [--duration S] [--rounds R] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from db import admin_connection, apply_script, create_database  # noqa: E402
+from models import encode_cursor  # noqa: E402
+from scripts.seed import seed  # noqa: E402
+from settings import Settings  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+PAY_CARD = {"number": "4111111111111111", "expiry": "12-2039", "name": "Bench Card"}
+DONE_LUA = """
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format('\\n{"requests": %d, "duration_us": %d, "errors": %d, ' ..
+    '"non2xx": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration,
+    errors.connect + errors.read + errors.write + errors.timeout, errors.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class Measurement:
+    target: str
+    endpoint: str
+    connections: int
+    req_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit("wrk is needed: install it (Debian/Ubuntu: apt-get install wrk)")
+    print("installing wrk with apt-get (one time)", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, env=env)
+    return shutil.which("wrk") or "wrk"
+
+
+@contextmanager
+def server(
+    command: list[str], env: dict[str, str], ready_path: str, log: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A uvicorn process on a free port, ready once `ready_path` answers."""
+    port = free_port()
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + ready_path, timeout=2).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{command} did not start; see {log}")
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def uvicorn(app: str, workers: int = 1) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--workers",
+        str(workers),
+        "--no-access-log",
+    ]
+
+
+def peak_rss_mib(process: subprocess.Popen[bytes]) -> float:
+    """Largest peak resident set (VmHWM) among the process and its children (the workers)."""
+    pids = [process.pid]
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    if children.exists():
+        pids += [int(pid) for pid in children.read_text().split()]
+    peaks = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
+
+
+class Wrk:
+    def __init__(self, binary: str, duration: int, scripts: Path) -> None:
+        self.binary, self.duration, self.scripts = binary, duration, scripts
+
+    def script(self, name: str, body: str) -> Path:
+        path = self.scripts / f"{name}.lua"
+        path.write_text(body + DONE_LUA)
+        return path
+
+    def run(self, url: str, script: Path, connections: int) -> dict[str, Any]:
+        threads = min(connections, 2)
+        output = subprocess.run(
+            [
+                self.binary,
+                f"-t{threads}",
+                f"-c{connections}",
+                f"-d{self.duration}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+        return result
+
+
+def get_script(path: str) -> str:
+    return f'wrk.method = "GET"\nwrk.path = "{path}"\n'
+
+
+def ids_script(ids: list[str]) -> str:
+    quoted = ",".join(f'"{invoice_id}"' for invoice_id in ids)
+    return (
+        f"local ids = {{{quoted}}}\nlocal i = 0\n"
+        "request = function()\n  i = i % #ids + 1\n"
+        '  return wrk.format("GET", "/invoice/" .. ids[i])\nend\n'
+    )
+
+
+def post_script(path: str, body: dict[str, Any]) -> str:
+    return (
+        f'wrk.method = "POST"\nwrk.path = "{path}"\n'
+        f"wrk.body = '{json.dumps(body)}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+
+
+def measure(
+    wrk: Wrk, targets: dict[str, str], endpoint: str, script: Path, connections: int, rounds: int
+) -> list[Measurement]:
+    """Median of `rounds` runs per target, alternating which target goes first."""
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    names = list(targets)
+    for round_number in range(rounds):
+        order = names if round_number % 2 == 0 else names[::-1]
+        for name in order:
+            samples[name].append(wrk.run(targets[name], script, connections))
+    results = []
+    for name, runs in samples.items():
+        results.append(
+            Measurement(
+                target=name,
+                endpoint=endpoint,
+                connections=connections,
+                req_per_s=statistics.median(r["requests"] / r["duration_us"] * 1e6 for r in runs),
+                p50_ms=statistics.median(r["p50_us"] for r in runs) / 1000,
+                p99_ms=statistics.median(r["p99_us"] for r in runs) / 1000,
+                errors=sum(r["errors"] + r["non2xx"] for r in runs),
+            )
+        )
+    return results
+
+
+def prepare_database(config: Settings, rows: int, reuse: bool) -> float | None:
+    """A bench database of its own with `rows` seeded invoices; the seeding rate, if seeded."""
+    if reuse:
+        return None
+    create_database(config, recreate=True)
+    apply_script(config, "up.sql")
+    rate: float = seed(config, rows, batch=5000, writers=2, id_version=7, seed=1)
+    return rate
+
+
+def sample_ids(config: Settings, count: int) -> tuple[list[str], str]:
+    """Random invoice ids, and a scroll cursor halfway down the list."""
+    with admin_connection(config, config.db_name) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT COALESCE(SUM(invoice_count), 0) FROM invoice_status_count")
+        (total,) = cursor.fetchone() or (0,)
+        cursor.execute(f"SELECT id FROM invoice ORDER BY RAND() LIMIT {int(count)}")
+        ids = [row[0] for row in cursor.fetchall()]
+        cursor.execute(
+            "SELECT created_at, id FROM invoice ORDER BY created_at DESC, id DESC "
+            f"LIMIT 1 OFFSET {int(total) // 2}"
+        )
+        created_at, invoice_id = cursor.fetchone() or (datetime.now(UTC), "")
+    return ids, encode_cursor(created_at, invoice_id)
+
+
+def chart(measurements: list[Measurement], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({(m.endpoint, m.connections) for m in measurements})
+    targets = sorted({m.target for m in measurements})
+    figure, (throughput, latency) = plt.subplots(2, 1, figsize=(12, 9))
+    width = 0.8 / len(targets)
+    for index, target in enumerate(targets):
+        by_label = {(m.endpoint, m.connections): m for m in measurements if m.target == target}
+        xs = [n + index * width for n in range(len(labels))]
+        throughput.bar(
+            xs, [by_label[k].req_per_s if k in by_label else 0 for k in labels], width, label=target
+        )
+        latency.bar(
+            xs, [by_label[k].p50_ms if k in by_label else 0 for k in labels], width, label=target
+        )
+    names = [f"{endpoint}\nc={c}" for endpoint, c in labels]
+    for axis, title in ((throughput, "requests/s (median)"), (latency, "p50 latency, ms")):
+        axis.set_xticks([n + 0.4 - width / 2 for n in range(len(labels))], names, fontsize=7)
+        axis.set_title(title)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="benchmark the app against a minimal baseline")
+    parser.add_argument("--rows", type=int, default=200_000, help="invoices to seed")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure")
+    parser.add_argument("--reuse", action="store_true", help="keep the bench database as is")
+    args = parser.parse_args()
+
+    dev = Settings()
+    bench_db = f"{dev.db_url.rsplit('/', 1)[0]}/{dev.db_name}_bench"
+    config = Settings(db_url=bench_db)
+    wrk_binary = ensure_wrk()
+    seed_rate = prepare_database(config, args.rows, args.reuse)
+    ids, deep_cursor = sample_ids(config, 1000)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    wrk = Wrk(wrk_binary, args.duration, workdir)
+    fakepay_port = free_port()
+    env = {
+        "DB_URL": bench_db,
+        "FAKEPAY_URL": f"http://127.0.0.1:{fakepay_port}/fakepay",
+        "LOG_LEVEL": "WARNING",
+    }
+    measurements: list[Measurement] = []
+    rss: dict[str, float] = {}
+    with (
+        fakepay_server(fakepay_port, workdir) as fakepay_url,
+        server(uvicorn("main:app"), env, "/health-check", workdir / "app.log") as (app_url, app),
+        server(
+            uvicorn("bench.baseline_app:app"), env, "/invoices?size=1", workdir / "baseline.log"
+        ) as (base_url, baseline),
+    ):
+        pair = {"app": app_url, "baseline": base_url}
+        read = wrk.script("read", ids_script(ids))
+        listing = wrk.script("list", get_script("/invoices"))
+        filtered = wrk.script("list_pending", get_script("/invoices?invoiceStatus=PENDING"))
+        for connections in (1, 32):
+            measurements += measure(wrk, pair, "GET /invoice/{id}", read, connections, args.rounds)
+            measurements += measure(wrk, pair, "GET /invoices", listing, connections, args.rounds)
+            measurements += measure(
+                wrk,
+                pair,
+                "GET /invoices?invoiceStatus=PENDING",
+                filtered,
+                connections,
+                args.rounds,
+            )
+        deep = wrk.script("scroll_deep", get_script(f"/invoices/scroll?cursor={deep_cursor}"))
+        deep_page = max(1, args.rows // 20)
+        offset_deep = wrk.script("page_deep", get_script(f"/invoices?page={deep_page}"))
+        measurements += measure(
+            wrk, {"app": app_url}, "GET /invoices/scroll (middle)", deep, 1, args.rounds
+        )
+        measurements += measure(
+            wrk, {"app": app_url}, f"GET /invoices?page={deep_page}", offset_deep, 1, args.rounds
+        )
+        pay = wrk.script(
+            "pay",
+            post_script(
+                "/invoice",
+                {"jobDescription": "Bench", "amount": 9.99, "customerId": 1, "card": PAY_CARD},
+            ),
+        )
+        direct = wrk.script(
+            "fakepay",
+            post_script(
+                "/fakepay",
+                {"transactionId": "8176929e-5484-462b-9758-c74ac68f7892", "card": PAY_CARD},
+            ),
+        )
+        for connections in (1, 8):
+            measurements += measure(
+                wrk, {"app": app_url}, "POST /invoice with card", pay, connections, args.rounds
+            )
+            measurements += measure(
+                wrk, {"fakepay": fakepay_url}, "POST /fakepay", direct, connections, args.rounds
+            )
+        rss["app (1 worker)"] = peak_rss_mib(app)
+        rss["baseline"] = peak_rss_mib(baseline)
+
+    with server(uvicorn("main:app", workers=2), env, "/health-check", workdir / "app2.log") as (
+        app2_url,
+        app2,
+    ):
+        time.sleep(2)  # both workers up
+        measurements += measure(
+            wrk, {"app, 2 workers": app2_url}, "GET /invoice/{id}", read, 32, args.rounds
+        )
+        rss["app (2 workers, per worker)"] = peak_rss_mib(app2)
+
+    report(measurements, rss, seed_rate, args)
+
+
+@contextmanager
+def fakepay_server(port: int, workdir: Path) -> Iterator[str]:
+    with (workdir / "fakepay.log").open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "fake_pay.py"), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("FakePay did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def find(measurements: list[Measurement], target: str, endpoint: str, c: int) -> Measurement:
+    return next(
+        m for m in measurements if (m.target, m.endpoint, m.connections) == (target, endpoint, c)
+    )
+
+
+def report(
+    measurements: list[Measurement],
+    rss: dict[str, float],
+    seed_rate: float | None,
+    args: argparse.Namespace,
+) -> None:
+    print(
+        f"\n{'endpoint':42} {'c':>3} {'target':16} {'req/s':>9} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'vs base':>8} {'errors':>6}"
+    )
+    for m in measurements:
+        base = next(
+            (
+                b.req_per_s
+                for b in measurements
+                if (b.target, b.endpoint, b.connections) == ("baseline", m.endpoint, m.connections)
+            ),
+            0.0,
+        )
+        ratio = f"{m.req_per_s / base:.2f}x" if base else ""
+        print(
+            f"{m.endpoint:42} {m.connections:>3} {m.target:16} {m.req_per_s:>9.0f} "
+            f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {ratio:>8} {m.errors:>6}"
+        )
+
+    read = "GET /invoice/{id}"
+    ratios = {
+        "read vs baseline, c=1": find(measurements, "app", read, 1).req_per_s
+        / find(measurements, "baseline", read, 1).req_per_s,
+        "read vs baseline, c=32": find(measurements, "app", read, 32).req_per_s
+        / find(measurements, "baseline", read, 32).req_per_s,
+        "read, 2 workers vs 1-worker baseline, c=32": find(
+            measurements, "app, 2 workers", read, 32
+        ).req_per_s
+        / find(measurements, "baseline", read, 32).req_per_s,
+        "pay flow vs FakePay alone, c=8": find(
+            measurements, "app", "POST /invoice with card", 8
+        ).req_per_s
+        / find(measurements, "fakepay", "POST /fakepay", 8).req_per_s,
+    }
+    print()
+    for name, value in ratios.items():
+        print(f"{name:48} {value:.2f}")
+    for name, value in rss.items():
+        print(f"peak RSS {name:39} {value:.0f} MiB")
+    if seed_rate is not None:
+        print(f"{'seeding':48} {seed_rate:,.0f} rows/s")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    data = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "rows": args.rows,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "cores": os.cpu_count(),
+        "seed_rows_per_s": seed_rate,
+        "ratios": ratios,
+        "peak_rss_mib": rss,
+        "measurements": [asdict(m) for m in measurements],
+    }
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(data, indent=2) + "\n")
+    chart(measurements, RESULTS / f"{stamp}.png")
+    print(f"\nwrote bench/results/{stamp}.json and bench/results/{stamp}.png")
+
+
+if __name__ == "__main__":
+    main()
