@@ -105,8 +105,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class RequestContextMiddleware:
     """Request id, one log line per request, and a body size cap, as plain ASGI.
 
-    The body is read up front (it is at most 64 KiB) so an oversized one is refused with 413
-    whether or not it announced its length.
+    A request body (for the methods that carry one) is read up front, as it is at most 64 KiB,
+    so an oversized one is refused with a JSON 413 whether or not it announced its length.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -130,8 +130,9 @@ class RequestContextMiddleware:
 
         with logger.contextualize(request_id=request_id):
             try:
-                body = await self._read_body(receive)
-                if body is None:
+                if scope["method"] in {"GET", "HEAD", "OPTIONS"}:
+                    await self.app(scope, receive, send_with_id)
+                elif (body := await self._read_body(receive)) is None:
                     await self._reply_too_large(send_with_id)
                 else:
                     await self.app(scope, self._replay(body), send_with_id)
