@@ -8,7 +8,7 @@ STACK := $(BIN)/python scripts/stack.py
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench clean
+.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -61,9 +61,22 @@ N ?= 1000000
 seed: install db-up ## add N realistic invoices to the database in DB_URL (default 1000000)
 	$(BIN)/python scripts/seed.py $(N)
 
+node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is needed: install Node.js (Debian/Ubuntu: apt-get install nodejs npm)"; exit 1; }
+	npm ci --no-audit --no-fund
+	@touch $@
+
+postman: install db-up fakepay-up node_modules/.installed ## run the Postman collection with newman against a live app
+	$(STACK) with-app sh -c 'node_modules/.bin/newman run postman/invoice-api.postman_collection.json \
+		-e postman/local.postman_environment.json --env-var baseUrl=$$APP_URL'
+
+e2e: install db-up fakepay-up ## headless Chromium clicks Try it out in Swagger UI (screenshot in artifacts/)
+	@sh scripts/ensure-chromium.sh
+	$(STACK) with-app $(BIN)/python e2e/swagger_try_it_out.py
+
 ROWS ?= 200000
 bench: install db-up ## benchmark against a minimal baseline (ROWS=200000); see BENCHMARKS.md
 	$(BIN)/python bench/run.py --rows $(ROWS)
 
 clean: stop ## stop everything and delete .venv, .data and caches
-	rm -rf $(VENV) .data .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data .tools node_modules artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request,
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.models import Example
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from sqlalchemy import bindparam, func
@@ -76,6 +77,8 @@ def configure_logging() -> None:
         sys.stderr,
         level=settings.log_level.upper(),
         serialize=settings.log_json,
+        backtrace=False,
+        diagnose=False,  # tracebacks must never print variable values: they may hold card data
         format=(
             "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7}</level> | "
             "{extra[request_id]} | {message}"
@@ -214,10 +217,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         fakepay.close()
 
 
-app = FastAPI(
+API_DESCRIPTION = """
+Invoices for customers, paid by card through the FakePay provider.
+
+* Field names are camelCase; `amount` is an exact decimal with at most two places.
+* Card numbers are only ever shown masked (`123456********5678`).
+* Every error body is `{"detail": ...}` with a message that says what to do.
+
+Seeded data to try: customers 1-5; PENDING invoices `6f53c715-0369-11f0-8d97-7c646cb7c0bc`
+and `6f53c7be-0369-11f0-8d97-7c646cb7c0bc`; CANCELLED `a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc`.
+"""
+
+# FastAPIOffline serves Swagger UI and ReDoc from pinned, packaged assets instead of a CDN,
+# so /docs works on machines without internet access.
+app = FastAPIOffline(
     title="Invoice API",
     version="0.1.0",
     summary="Create invoices, pay them by card through FakePay, and list them page by page.",
+    description=API_DESCRIPTION,
+    openapi_tags=[
+        {"name": "invoices", "description": "Create, pay, read and list invoices."},
+        {"name": "health", "description": "Is the service able to reach its database?"},
+    ],
     lifespan=lifespan,
 )
 app.add_middleware(RequestContextMiddleware)
@@ -315,33 +336,23 @@ READ_INVOICE = invoice_rows().where(col(Invoice.id) == bindparam("invoice_id"))
 
 
 def to_public(row: Any) -> InvoicePublic:
+    """A row of `invoice_rows` as the API shows it; its labels are InvoicePublic's fields."""
     card = None
     if row.card_number is not None:
         card = MaskedCard(number=row.card_number, expiry=row.card_expiry, name=row.card_name)
-    return InvoicePublic(
-        id=uuid.UUID(row.id),
-        job_description=row.job_description,
-        amount=row.amount,
-        customer_id=row.customer_id,
-        card=card,
-        customer_name=row.customer_name,
-        customer_email=row.customer_email,
-        invoice_status=row.invoice_status,
-    )
+    return InvoicePublic.model_validate({**row._mapping, "card": card})
 
 
 def public_invoice(
     invoice: Invoice, customer: Customer, card: MaskedCard | None = None
 ) -> InvoicePublic:
-    return InvoicePublic(
-        id=uuid.UUID(invoice.id),
-        job_description=invoice.job_description,
-        amount=invoice.amount,
-        customer_id=invoice.customer_id,
-        card=card,
-        customer_name=customer.customer_name,
-        customer_email=customer.customer_email,
-        invoice_status=invoice.invoice_status,
+    return InvoicePublic.model_validate(
+        {
+            **invoice.model_dump(),
+            "customer_name": customer.customer_name,
+            "customer_email": customer.customer_email,
+            "card": card,
+        }
     )
 
 
@@ -471,6 +482,10 @@ PAYMENT_FAILURES: Responses = {
 
 
 SEEDED_PENDING_ID = "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
+READ_EXAMPLES: dict[str, Example] = {
+    "the challenge's CANCELLED invoice": {"value": "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"},
+    "a seeded PENDING invoice": {"value": SEEDED_PENDING_ID},
+}
 CREATE_EXAMPLES: dict[str, Example] = {
     "without card": {
         "summary": "A PENDING invoice",
@@ -505,6 +520,7 @@ class HealthStatus(SQLModel):
 @app.get(
     "/health-check",
     tags=["health"],
+    summary="Check the service and its database",
     response_model=HealthStatus,
     responses={503: {"model": HealthStatus, "description": "The database is unreachable"}},
 )
@@ -520,10 +536,13 @@ def health_check(session: SessionDep) -> Any:
 @app.get(
     "/invoice/{invoice_id}",
     tags=["invoices"],
+    summary="Read one invoice",
     response_model=InvoicePublic,
     responses={404: error("No invoice has this id"), **DATABASE_DOWN},
 )
-def read_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoicePublic:
+def read_invoice(
+    invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], session: SessionDep
+) -> InvoicePublic:
     """One invoice with its customer, and the masked card once paid."""
     return get_invoice_or_404(session, invoice_id)
 
@@ -531,6 +550,7 @@ def read_invoice(invoice_id: uuid.UUID, session: SessionDep) -> InvoicePublic:
 @app.post(
     "/invoice",
     tags=["invoices"],
+    summary="Create an invoice, optionally paying it by card",
     response_model=InvoicePublic,
     status_code=status.HTTP_201_CREATED,
     responses={
@@ -559,6 +579,7 @@ def create_invoice(
 @app.post(
     "/invoice/pay/{invoice_id}",
     tags=["invoices"],
+    summary="Pay a PENDING invoice by card",
     response_model=InvoicePublic,
     status_code=status.HTTP_201_CREATED,
     responses={
@@ -576,7 +597,12 @@ def pay_pending_invoice(
     session: SessionDep,
     fakepay: FakePayDep,
 ) -> InvoicePublic:
-    """Pay a PENDING invoice by card; FakePay's transactionId is the invoice id."""
+    """Pay a PENDING invoice by card; FakePay's transactionId is the invoice id.
+
+    Try it with the seeded PENDING invoice `6f53c715-0369-11f0-8d97-7c646cb7c0bc` (once: it
+    is PAID afterwards, and paying again answers 409; `make db-reset` restores it), or with
+    the id of an invoice you created without a card.
+    """
     paid, customer, masked = pay_invoice(session, fakepay, str(invoice_id), card)
     return public_invoice(paid, customer, masked)
 
@@ -589,6 +615,7 @@ InvoiceStatusQuery = Annotated[
 @app.get(
     "/invoices",
     tags=["invoices"],
+    summary="List invoices, page by page",
     response_model=Page[InvoicePublic],
     responses=DATABASE_DOWN,
 )
@@ -608,6 +635,7 @@ def list_invoices(
 @app.get(
     "/invoices/scroll",
     tags=["invoices"],
+    summary="Scroll through invoices with a cursor",
     response_model=InvoiceScrollPage,
     responses=DATABASE_DOWN,
 )

@@ -263,8 +263,6 @@ class InvoiceScrollPage(CamelModel):
     )
 
 
-# Body of every error reply: FastAPI's shape.
+# Body of every error reply but 422: FastAPI's shape, a message a person can act on.
 class ErrorDetail(SQLModel):
-    detail: Any = Field(
-        schema_extra={"examples": ["Invoice 8176929e-5484-462b-9758-c74ac68f7892 not found"]}
-    )
+    detail: str = Field(description="What went wrong, and what to do about it")

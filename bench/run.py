@@ -323,13 +323,8 @@ def main() -> None:
                 args.rounds,
             )
         deep = wrk.script("scroll_deep", get_script(f"/invoices/scroll?cursor={deep_cursor}"))
-        deep_page = max(1, args.rows // 20)
-        offset_deep = wrk.script("page_deep", get_script(f"/invoices?page={deep_page}"))
         measurements += measure(
             wrk, {"app": app_url}, "GET /invoices/scroll (middle)", deep, 1, args.rounds
-        )
-        measurements += measure(
-            wrk, {"app": app_url}, f"GET /invoices?page={deep_page}", offset_deep, 1, args.rounds
         )
         pay = wrk.script(
             "pay",
@@ -354,6 +349,7 @@ def main() -> None:
             )
         rss["app (1 worker)"] = peak_rss_mib(app)
         rss["baseline"] = peak_rss_mib(baseline)
+        measurements.append(timed_deep_page(app_url, max(1, args.rows // 20), args.rounds))
 
     with server(uvicorn("main:app", workers=2), env, "/health-check", workdir / "app2.log") as (
         app2_url,
@@ -391,6 +387,20 @@ def fakepay_server(port: int, workdir: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def timed_deep_page(url: str, page: int, rounds: int) -> Measurement:
+    """A page number halfway down the list: each request alone, timed, as wrk's clients would
+    give up on it long before it answers at millions of rows."""
+    seconds = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        httpx.get(f"{url}/invoices", params={"page": page}, timeout=300).raise_for_status()
+        seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds)
+    return Measurement(
+        "app", f"GET /invoices?page={page}", 1, 1 / median, median * 1000, max(seconds) * 1000, 0
+    )
 
 
 def find(measurements: list[Measurement], target: str, endpoint: str, c: int) -> Measurement:

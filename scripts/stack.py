@@ -283,12 +283,53 @@ def fakepay_up(config: Settings) -> None:
     log(f"FakePay started on {host}:{port} (log: {FAKEPAY_LOG.relative_to(PROJECT_ROOT)})")
 
 
+def with_app(config: Settings, command: list[str]) -> int:
+    """Serve the app on a free port, run `command` with APP_URL set, stop the app."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    DATA.mkdir(exist_ok=True)
+    log_path = DATA / "app-with.log"
+    with log_path.open("ab") as app_log:
+        app = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=app_log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not port_answers("127.0.0.1", port):
+            if app.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the app did not start; see {log_path}")
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        log(f"app serving on {url} for: {' '.join(command)}")
+        return subprocess.run(command, env={**os.environ, "APP_URL": url}, check=False).returncode
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "action", choices=["db-up", "db-down", "db-reset", "fakepay-up", "fakepay-down"]
+        "action",
+        choices=["db-up", "db-down", "db-reset", "fakepay-up", "fakepay-down", "with-app"],
     )
-    action = parser.parse_args().action
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="with-app: what to run")
+    arguments = parser.parse_args()
+    action = arguments.action
     config = Settings()
     if action == "db-up":
         ensure_server(config)
@@ -300,6 +341,8 @@ def main() -> None:
         stop_process(PID_FILE, "the private database server")
     elif action == "fakepay-up":
         fakepay_up(config)
+    elif action == "with-app":
+        sys.exit(with_app(config, arguments.command))
     else:
         stop_process(FAKEPAY_PID_FILE, "FakePay")
 

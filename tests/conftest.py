@@ -92,7 +92,7 @@ def app_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     import main  # noqa: F401  (configures logging first, so this sink is added after it)
 
     path = tmp_path_factory.mktemp("inprocess") / "app.log"
-    sink_id = logger.add(path, level="DEBUG", serialize=True)
+    sink_id = logger.add(path, level="DEBUG", serialize=True, diagnose=False)
     yield path
     logger.remove(sink_id)
 

@@ -1,0 +1,56 @@
+"""`make e2e`: a real browser uses Swagger UI's Try it out on POST /invoice.
+
+Headless Chromium (Debian's package, driven by Playwright for Python with no browser download)
+opens /docs on the app at APP_URL, expands POST /invoice, presses Try it out and Execute with
+the prefilled example, and checks that the page shows a 201 with a PENDING invoice. A
+screenshot goes to artifacts/swagger-try-it-out.png.
+"""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from playwright.sync_api import FloatRect, expect, sync_playwright
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parent.parent / "artifacts" / "swagger-try-it-out.png"
+CREATE = "#operations-invoices-create_invoice_invoice_post"
+
+
+def main() -> int:
+    url = os.environ["APP_URL"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(f"{url}/docs")
+        operation = page.locator(CREATE)
+        operation.locator(".opblock-summary").click()
+        operation.get_by_role("button", name="Try it out").click()
+        operation.get_by_role("button", name="Execute").click()
+
+        status = operation.locator(".live-responses-table .response .response-col_status").first
+        expect(status).to_have_text(re.compile(r"^\s*201"), timeout=15_000)
+        body = operation.locator(".live-responses-table .response-col_description pre").first
+        expect(body).to_contain_text('"invoiceStatus": "PENDING"')
+        expect(body).to_contain_text('"customerName": "Jane Smith"')
+
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        # From the operation's header down to the server's reply: request, curl and 201.
+        top = operation.bounding_box()
+        bottom = operation.locator(".live-responses-table").first.bounding_box()
+        assert top is not None
+        assert bottom is not None
+        height = bottom["y"] + bottom["height"] - top["y"]
+        clip: FloatRect = {"x": top["x"], "y": top["y"], "width": top["width"], "height": height}
+        page.screenshot(path=str(SCREENSHOT), clip=clip, full_page=True)
+        browser.close()
+    print(f"Swagger UI Try it out answered 201 PENDING; screenshot: {SCREENSHOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
