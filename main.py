@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
-from sqlalchemy import bindparam, func
+from sqlalchemy import Integer, bindparam, func
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, SQLModel, col, select
@@ -366,26 +366,50 @@ def get_invoice_or_404(session: Session, invoice_id: uuid.UUID) -> InvoicePublic
 NEWEST_FIRST = (col(Invoice.created_at).desc(), col(Invoice.id).desc())
 
 
+def count_statement(*, filtered: bool) -> Any:
+    query = select(func.coalesce(func.sum(InvoiceStatusCount.invoice_count), 0))
+    if filtered:
+        query = query.where(col(InvoiceStatusCount.invoice_status) == bindparam("invoice_status"))
+    return query
+
+
+def page_statement(*, filtered: bool, keyset: bool) -> Any:
+    """One page of invoices, newest first. The ids come from the (status,) created_at, id index
+    alone (a deferred join); the other columns and tables are joined to those ids only. The
+    page starts at an `offset`, or (keyset) strictly after a (created_at, id) position."""
+    ids = select(Invoice.id)
+    if filtered:
+        ids = ids.where(col(Invoice.invoice_status) == bindparam("invoice_status"))
+    if keyset:
+        created_at: Any = bindparam("after_created_at")
+        invoice_id: Any = bindparam("after_id")
+        ids = ids.where(
+            (col(Invoice.created_at) < created_at)
+            | ((col(Invoice.created_at) == created_at) & (col(Invoice.id) < invoice_id))
+        )
+    else:
+        ids = ids.offset(bindparam("offset", type_=Integer))
+    page = ids.order_by(*NEWEST_FIRST).limit(bindparam("limit", type_=Integer)).subquery("page")
+    return invoice_rows(page).order_by(*NEWEST_FIRST)
+
+
+# Built once: a list request then skips building and cache-keying these statements.
+COUNT_STATEMENTS = {filtered: count_statement(filtered=filtered) for filtered in (False, True)}
+PAGE_STATEMENTS = {
+    (filtered, keyset): page_statement(filtered=filtered, keyset=keyset)
+    for filtered in (False, True)
+    for keyset in (False, True)
+}
+
+
+def status_params(invoice_status: InvoiceStatus | None) -> dict[str, Any]:
+    return {} if invoice_status is None else {"invoice_status": invoice_status.value}
+
+
 def count_invoices(session: Session, invoice_status: InvoiceStatus | None) -> int:
     """Exact totals from the per-status counts table: O(1) however many invoices exist."""
-    query = select(func.coalesce(func.sum(InvoiceStatusCount.invoice_count), 0))
-    if invoice_status is not None:
-        query = query.where(InvoiceStatusCount.invoice_status == invoice_status)
-    return int(session.exec(query).one())
-
-
-def newest_first(
-    invoice_status: InvoiceStatus | None, *, after: Any = None, offset: int = 0, limit: int
-) -> Any:
-    """One page of invoices, newest first: the ids come from the (status,) created_at, id
-    index alone (a deferred join), the other columns and tables only for those ids."""
-    ids = select(Invoice.id)
-    if invoice_status is not None:
-        ids = ids.where(Invoice.invoice_status == invoice_status)
-    if after is not None:
-        ids = ids.where(after)
-    page = ids.order_by(*NEWEST_FIRST).offset(offset).limit(limit).subquery("page")
-    return invoice_rows(page).order_by(*NEWEST_FIRST)
+    statement = COUNT_STATEMENTS[invoice_status is not None]
+    return int(session.exec(statement, params=status_params(invoice_status)).one())
 
 
 def list_page(
@@ -396,8 +420,9 @@ def list_page(
     raw = params.to_raw_params().as_limit_offset()
     items: list[InvoicePublic] = []
     if raw.offset is not None and raw.offset < total:
-        query = newest_first(invoice_status, offset=raw.offset, limit=raw.limit or total)
-        items = [to_public(row) for row in session.exec(query)]
+        statement = PAGE_STATEMENTS[(invoice_status is not None, False)]
+        page = {"offset": raw.offset, "limit": raw.limit, **status_params(invoice_status)}
+        items = [to_public(row) for row in session.exec(statement, params=page)]
     return create_page(items, total=total, params=params)  # type: ignore[return-value]
 
 
@@ -420,13 +445,14 @@ def scroll(
     session: Session, invoice_status: InvoiceStatus | None, size: int, cursor: str | None
 ) -> InvoiceScrollPage:
     """Keyset pagination: continue strictly after the last (created_at, id) seen."""
-    after = None
-    if cursor is not None:
+    slice_params: dict[str, Any] = {"limit": size + 1, **status_params(invoice_status)}
+    if cursor is None:
+        slice_params["offset"] = 0
+    else:
         created_at, invoice_id = decode_cursor_or_422(cursor)
-        after = (col(Invoice.created_at) < created_at) | (
-            (col(Invoice.created_at) == created_at) & (col(Invoice.id) < invoice_id)
-        )
-    rows = session.exec(newest_first(invoice_status, after=after, limit=size + 1)).all()
+        slice_params |= {"after_created_at": created_at, "after_id": invoice_id}
+    statement = PAGE_STATEMENTS[(invoice_status is not None, cursor is not None)]
+    rows = session.exec(statement, params=slice_params).all()
     next_cursor = None
     if len(rows) > size:
         last = rows[size - 1]

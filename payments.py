@@ -139,7 +139,7 @@ class FakePayClient:
     able to take every thread; calls past the cap are refused at once instead of queued.
     """
 
-    def __init__(self, config: Settings, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, config: Settings) -> None:
         self.url = config.fakepay_url
         self.read_timeout = config.fakepay_timeout
         self.stale_after_s = math.ceil(
@@ -149,7 +149,6 @@ class FakePayClient:
         self._http = httpx.Client(
             timeout=httpx.Timeout(config.fakepay_timeout, connect=config.fakepay_connect_timeout),
             limits=httpx.Limits(max_connections=config.fakepay_max_concurrency),
-            transport=transport,
         )
 
     def close(self) -> None:
@@ -210,7 +209,9 @@ class ClaimedInvoice:
     payment_id: int
 
 
-def claim(session: Session, invoice_id: str, card: Card, stale_after_s: int) -> ClaimedInvoice:
+def claim(
+    session: Session, invoice_id: str, masked: MaskedCard, stale_after_s: int
+) -> ClaimedInvoice:
     with session.begin():
         row = session.exec(
             select(Invoice, Customer)
@@ -238,7 +239,6 @@ def claim(session: Session, invoice_id: str, card: Card, stale_after_s: int) -> 
                 .values(payment_status=PaymentStatus.ABANDONED, reason="superseded after a stall")
             )
             logger.warning("invoice {} had a stalled payment attempt; marked ABANDONED", invoice_id)
-        masked = card.masked()
         payment = Payment(
             invoice_id=invoice_id,
             card_number=masked.number,
@@ -278,8 +278,8 @@ def pay_invoice(
     session: Session, fakepay: FakePayClient, invoice_id: str, card: Card
 ) -> tuple[Invoice, Customer, MaskedCard]:
     """Charge `card` for a PENDING invoice once; raise a `PaymentError` for every other end."""
-    claimed = claim(session, invoice_id, card, fakepay.stale_after_s)
     masked = card.masked()
+    claimed = claim(session, invoice_id, masked, fakepay.stale_after_s)
     with fakepay.slot() as acquired:
         if not acquired:
             settle(
