@@ -28,6 +28,7 @@ from fastapi import Depends, Request
 from loguru import logger
 from pydantic import SecretStr, field_serializer
 from sqlalchemy import ColumnElement, literal_column, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.mysql import DATETIME
 from sqlmodel import Session, col, select
 
@@ -248,7 +249,11 @@ def claim(
         session.add(payment)
         session.flush()
         assert payment.id is not None
-        return ClaimedInvoice(invoice, customer, payment.id)
+        claimed = ClaimedInvoice(invoice, customer, payment.id)
+    # A snapshot from here on: a failed settle's rollback must not expire these objects and
+    # send their next attribute read to a database that may be down.
+    session.expunge_all()
+    return claimed
 
 
 def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
@@ -256,22 +261,43 @@ def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
     return literal_column(f"NOW(6) - INTERVAL {int(seconds)} SECOND", type_=DATETIME(fsp=6))
 
 
+SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
+
+
 def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> None:
-    """Record the outcome. A success takes the invoice row first, the lock every claim takes
-    first too, so a settle and a concurrent claim can never deadlock on the payment index."""
-    with session.begin():
-        if result.status == PaymentStatus.SUCCEEDED:
-            session.exec(
-                update(Invoice)
-                .where(col(Invoice.id) == claimed.invoice.id)
-                .values(invoice_status=InvoiceStatus.PAID)
-            )
-            claimed.invoice.invoice_status = InvoiceStatus.PAID
-        session.exec(
-            update(Payment)
-            .where(col(Payment.id) == claimed.payment_id)
-            .values(payment_status=result.status, reason=result.reason)
-        )
+    """Record the outcome, retrying through a short database outage: once the provider has
+    answered, losing that answer would leave a charged invoice PENDING. Both updates set
+    absolute values, so a retry is harmless. A success takes the invoice row first, the lock
+    every claim takes first too, so a settle and a claim never deadlock on the payment index.
+    """
+    for delay in (*SETTLE_RETRY_DELAYS_S, None):
+        try:
+            with session.begin():
+                if result.status == PaymentStatus.SUCCEEDED:
+                    session.exec(
+                        update(Invoice)
+                        .where(col(Invoice.id) == claimed.invoice.id)
+                        .values(invoice_status=InvoiceStatus.PAID)
+                    )
+                session.exec(
+                    update(Payment)
+                    .where(col(Payment.id) == claimed.payment_id)
+                    .values(payment_status=result.status, reason=result.reason)
+                )
+        except (sa_exc.OperationalError, sa_exc.InterfaceError):
+            if delay is None:
+                logger.error(
+                    "payment outcome {} of invoice {} not recorded: database unreachable",
+                    result.status,
+                    claimed.invoice.id,
+                )
+                raise
+            logger.warning("recording payment of invoice {} failed; retrying", claimed.invoice.id)
+            time.sleep(delay)
+        else:
+            if result.status == PaymentStatus.SUCCEEDED:
+                claimed.invoice.invoice_status = InvoiceStatus.PAID
+            return
 
 
 def pay_invoice(

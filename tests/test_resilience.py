@@ -15,7 +15,7 @@ from db import engine
 from models import Payment, PaymentStatus
 from settings import settings
 from tests.conftest import FakePayProcess, start_live_server
-from tests.stand_in import silent_provider
+from tests.stand_in import StandInProvider, silent_provider
 from tests.tcp_proxy import TcpProxy
 
 WORK_CARD = {"number": "1234 5656 7822 5678", "expiry": "01-2040", "name": "Work Card"}
@@ -255,3 +255,42 @@ def test_a_create_that_cannot_reach_the_database_writes_nothing(
             text("SELECT COUNT(*) FROM invoice WHERE job_description = 'Lost in the outage'")
         ).one()
     assert found == (0,)
+
+
+def test_a_payment_outcome_survives_a_short_database_outage(
+    database_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """The provider answers while the database is away: the outcome is recorded once it is
+    back, so a charged invoice is not left PENDING."""
+    results: dict[str, httpx.Response] = {}
+    with StandInProvider() as provider:
+        provider.answer(200, {"message": "Payment processed successfully"}, delay_s=1.0)
+        process, url = start_live_server(
+            tmp_path / "app.log",
+            env={
+                "DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}",
+                "FAKEPAY_URL": provider.url,
+            },
+        )
+        try:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                invoice_id = create_pending(http)
+                payer = threading.Thread(
+                    target=lambda: results.update(
+                        paid=http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+                    )
+                )
+                payer.start()
+                time.sleep(0.5)  # claimed; the provider is still thinking
+                database_proxy.cut()
+                time.sleep(1.0)  # the provider has answered; recording it fails meanwhile
+                database_proxy.start()
+                payer.join()
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+    assert results["paid"].status_code == 201
+    assert results["paid"].json()["invoiceStatus"] == "PAID"
+    assert attempt_statuses(invoice_id) == [PaymentStatus.SUCCEEDED]
+    assert "retrying" in (tmp_path / "app.log").read_text()
