@@ -8,6 +8,7 @@ import pymysql
 from fastapi import Depends
 from pymysql.constants import CLIENT
 from sqlalchemy import URL, Engine
+from sqlalchemy import exc as sa_exc
 from sqlmodel import Session, create_engine
 
 from settings import PROJECT_ROOT, Settings, settings
@@ -53,6 +54,9 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+# What a query raises when the server is down, unreachable, too slow, or the pool is empty.
+DATABASE_UNREACHABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
 
 
 # Schema management for `make db-up`, `make db-reset` and the test suite. These run the

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -17,15 +17,15 @@ from fastapi_offline import FastAPIOffline
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from sqlalchemy import Integer, bindparam, func
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
-from db import SessionDep
+from db import DATABASE_UNREACHABLE, SessionDep
 from models import (
     Card,
     Customer,
     ErrorDetail,
+    HealthStatus,
     Invoice,
     InvoiceCreate,
     InvoicePublic,
@@ -263,9 +263,6 @@ async def payment_error_handler(request: Request, error: PaymentError) -> JSONRe
     return JSONResponse({"detail": error.message}, status_code=code, headers=headers)
 
 
-@app.exception_handler(sa_exc.OperationalError)
-@app.exception_handler(sa_exc.InterfaceError)
-@app.exception_handler(sa_exc.TimeoutError)
 async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
     logger.error("database unavailable: {}: {}", type(error).__name__, getattr(error, "orig", ""))
     return JSONResponse(
@@ -273,6 +270,10 @@ async def database_unavailable_handler(request: Request, error: Exception) -> JS
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "5"},
     )
+
+
+for unreachable in DATABASE_UNREACHABLE:
+    app.add_exception_handler(unreachable, database_unavailable_handler)
 
 
 @app.exception_handler(RequestValidationError)
@@ -539,10 +540,6 @@ PAY_EXAMPLES: dict[str, Example] = {
 }
 
 
-class HealthStatus(SQLModel):
-    status: Literal["UP", "DOWN"]
-
-
 @app.get(
     "/health-check",
     tags=["health"],
@@ -554,7 +551,7 @@ def health_check(session: SessionDep) -> Any:
     """UP only after a real round trip to the database."""
     try:
         session.exec(select(1)).one()
-    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+    except DATABASE_UNREACHABLE:
         return JSONResponse({"status": "DOWN"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
     return HealthStatus(status="UP")
 

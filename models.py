@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, SecretStr, field_serializer, field_validator
 from pydantic import Field as PydanticField
@@ -261,6 +261,11 @@ class InvoiceScrollPage(CamelModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next slice; null after the last one"
     )
+
+
+# GET /health-check: whether the database answered.
+class HealthStatus(SQLModel):
+    status: Literal["UP", "DOWN"]
 
 
 # Body of every error reply but 422: FastAPI's shape, a message a person can act on.

@@ -28,10 +28,10 @@ from fastapi import Depends, Request
 from loguru import logger
 from pydantic import SecretStr, field_serializer
 from sqlalchemy import ColumnElement, literal_column, update
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.mysql import DATETIME
 from sqlmodel import Session, col, select
 
+from db import DATABASE_UNREACHABLE
 from models import (
     CamelModel,
     Card,
@@ -284,7 +284,7 @@ def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> N
                     .where(col(Payment.id) == claimed.payment_id)
                     .values(payment_status=result.status, reason=result.reason)
                 )
-        except (sa_exc.OperationalError, sa_exc.InterfaceError):
+        except DATABASE_UNREACHABLE:
             if delay is None:
                 logger.error(
                     "payment outcome {} of invoice {} not recorded: database unreachable",
