@@ -266,7 +266,7 @@ async def payment_error_handler(request: Request, error: PaymentError) -> JSONRe
 async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
     logger.error("database unavailable: {}: {}", type(error).__name__, getattr(error, "orig", ""))
     return JSONResponse(
-        {"detail": "The database is unavailable; try again shortly"},
+        {"detail": "The database is unavailable or did not answer in time; try again shortly"},
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         headers={"Retry-After": "5"},
     )
@@ -495,7 +495,7 @@ def error(description: str) -> dict[str, Any]:
     return {"model": ErrorDetail, "description": description}
 
 
-DATABASE_DOWN: Responses = {503: error("The database is unavailable")}
+DATABASE_DOWN: Responses = {503: error("The database is unavailable or did not answer in time")}
 BAD_BODY: Responses = {
     400: error("The body could not be read (it is not UTF-8 text)"),
     413: error("The body is larger than 64 KiB"),

@@ -100,7 +100,9 @@ def test_read_invoice_is_503_without_database(app_without_database: str) -> None
     response = httpx.get(f"{app_without_database}/invoice/{CANCELLED_ID}", timeout=10)
 
     assert response.status_code == 503
-    assert response.json() == {"detail": "The database is unavailable; try again shortly"}
+    assert response.json() == {
+        "detail": "The database is unavailable or did not answer in time; try again shortly"
+    }
 
 
 def test_logs_hold_no_database_password(live_server: Any, http: httpx.Client) -> None:
