@@ -136,7 +136,11 @@ class RequestContextMiddleware:
                 if scope["method"] in {"GET", "HEAD", "OPTIONS"}:
                     await self.app(scope, receive, send_with_id)
                 elif (body := await self._read_body(receive)) is None:
-                    await self._reply_too_large(send_with_id)
+                    too_large = JSONResponse(
+                        {"detail": f"Request body too large: the limit is {MAX_BODY_BYTES} bytes"},
+                        status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+                    )
+                    await too_large(scope, receive, send_with_id)
                 else:
                     await self.app(scope, self._replay(body), send_with_id)
             finally:
@@ -152,7 +156,7 @@ class RequestContextMiddleware:
     def _request_id(scope: Scope) -> str:
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                candidate = str(value.decode("latin-1"))
+                candidate: str = value.decode("latin-1")
                 if 0 < len(candidate) <= 64 and candidate.replace("-", "").isalnum():
                     return candidate
         return uuid.uuid4().hex
@@ -186,21 +190,6 @@ class RequestContextMiddleware:
             return {"type": "http.disconnect"}
 
         return receive
-
-    @staticmethod
-    async def _reply_too_large(send: Send) -> None:
-        response = JSONResponse(
-            {"detail": f"Request body too large: the limit is {MAX_BODY_BYTES} bytes"},
-            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": response.raw_headers,
-            }
-        )
-        await send({"type": "http.response.body", "body": response.body})
 
 
 # --- application ---------------------------------------------------------------------------
