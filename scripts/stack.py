@@ -28,7 +28,7 @@ import pymysql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from db import apply_script, create_database, existing_tables
+from db import admin_connection, apply_script, create_database, existing_tables
 from settings import PROJECT_ROOT, Settings
 
 DATA = PROJECT_ROOT / ".data"
@@ -55,13 +55,7 @@ def log(message: str) -> None:
 def answers(config: Settings) -> bool:
     """True when a server accepts the configured credentials on DB_URL's host and port."""
     try:
-        pymysql.connect(
-            host=config.db_host,
-            port=config.db_port,
-            user=config.db_user,
-            password=config.db_password.get_secret_value(),
-            connect_timeout=2,
-        ).close()
+        admin_connection(config).close()
     except pymysql.err.OperationalError:
         return False
     return True
