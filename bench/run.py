@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from db import admin_connection, apply_script, create_database  # noqa: E402
 from models import encode_cursor  # noqa: E402
+from scripts.processes import free_port, start_app, wait_for_port  # noqa: E402
 from scripts.seed import seed  # noqa: E402
 from settings import Settings  # noqa: E402
 
@@ -61,15 +61,6 @@ class Measurement:
     errors: int
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def ensure_wrk() -> str:
     found = shutil.which("wrk")
     if found:
@@ -85,49 +76,15 @@ def ensure_wrk() -> str:
 
 @contextmanager
 def server(
-    command: list[str], env: dict[str, str], ready_path: str, log: Path
+    log: Path, env: dict[str, str], workers: int = 1, app: str = "main:app"
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A uvicorn process on a free port, ready once `ready_path` answers."""
-    port = free_port()
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    """A uvicorn process on a free port for as long as the block runs."""
+    process, url = start_app(log, env, workers=workers, app=app)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + ready_path, timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{command} did not start; see {log}")
-            time.sleep(0.2)
         yield url, process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()
         process.wait(timeout=30)
-
-
-def uvicorn(app: str, workers: int = 1) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        app,
-        "--host",
-        "127.0.0.1",
-        "--workers",
-        str(workers),
-        "--no-access-log",
-    ]
 
 
 def peak_rss_mib(process: subprocess.Popen[bytes]) -> float:
@@ -302,10 +259,8 @@ def main() -> None:
     rss: dict[str, float] = {}
     with (
         fakepay_server(fakepay_port, workdir) as fakepay_url,
-        server(uvicorn("main:app"), env, "/health-check", workdir / "app.log") as (app_url, app),
-        server(
-            uvicorn("bench.baseline_app:app"), env, "/invoices?size=1", workdir / "baseline.log"
-        ) as (base_url, baseline),
+        server(workdir / "app.log", env) as (app_url, app),
+        server(workdir / "baseline.log", env, app="bench.baseline_app:app") as (base_url, baseline),
     ):
         pair = {"app": app_url, "baseline": base_url}
         read = wrk.script("read", ids_script(ids))
@@ -351,7 +306,7 @@ def main() -> None:
         rss["baseline"] = peak_rss_mib(baseline)
         measurements.append(timed_deep_page(app_url, max(1, args.rows // 20), args.rounds))
 
-    with server(uvicorn("main:app", workers=2), env, "/health-check", workdir / "app2.log") as (
+    with server(workdir / "app2.log", env, workers=2) as (
         app2_url,
         app2,
     ):
@@ -372,18 +327,9 @@ def fakepay_server(port: int, workdir: Path) -> Iterator[str]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("FakePay did not start") from None
-                time.sleep(0.1)
-        yield url
+        wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         process.wait(timeout=10)

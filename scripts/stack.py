@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pymysql
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from db import admin_connection, apply_script, create_database, existing_tables
+from scripts.processes import port_answers, start_app
 from settings import PROJECT_ROOT, Settings
 
 DATA = PROJECT_ROOT / ".data"
@@ -245,14 +245,6 @@ def stop_process(pid_file: Path, what: str) -> None:
     log(f"{what} stopped")
 
 
-def port_answers(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def fakepay_up(config: Settings) -> None:
     address = urlsplit(config.fakepay_url)
     host, port = address.hostname or "127.0.0.1", address.port or 80
@@ -277,37 +269,15 @@ def fakepay_up(config: Settings) -> None:
     log(f"FakePay started on {host}:{port} (log: {FAKEPAY_LOG.relative_to(PROJECT_ROOT)})")
 
 
-def with_app(config: Settings, command: list[str]) -> int:
+def with_app(command: list[str]) -> int:
     """Serve the app on a free port, run `command` with APP_URL set, stop the app."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     DATA.mkdir(exist_ok=True)
     log_path = DATA / "app-with.log"
-    with log_path.open("ab") as app_log:
-        app = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=PROJECT_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=app_log,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        deadline = time.monotonic() + 30
-        while not port_answers("127.0.0.1", port):
-            if app.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the app did not start; see {log_path}")
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}"
+        app, url = start_app(log_path)
+    except RuntimeError as exc:
+        raise SystemExit(f"the app did not start ({exc}); see {log_path}") from None
+    try:
         log(f"app serving on {url} for: {' '.join(command)}")
         return subprocess.run(command, env={**os.environ, "APP_URL": url}, check=False).returncode
     finally:
@@ -336,7 +306,7 @@ def main() -> None:
     elif action == "fakepay-up":
         fakepay_up(config)
     elif action == "with-app":
-        sys.exit(with_app(config, arguments.command))
+        sys.exit(with_app(arguments.command))
     else:
         stop_process(FAKEPAY_PID_FILE, "FakePay")
 

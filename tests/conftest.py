@@ -6,10 +6,8 @@ are put into the environment before anything imports `db` or `main`.
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,28 +17,9 @@ import httpx
 import pytest
 
 import settings as app_settings
+from scripts.processes import free_port, start_app, wait_for_port
 
 PROJECT_ROOT = app_settings.PROJECT_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited early with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing answered on port {port} within {timeout} s")
 
 
 FAKEPAY_PORT = free_port()
@@ -145,31 +124,13 @@ class LiveServer:
     log_path: Path
 
 
-def start_live_server(
-    log_path: Path, env: dict[str, str] | None = None, workers: int = 1
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--workers", str(workers)]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=PROJECT_ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    wait_for_port(port, process)
-    return process, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="session")
 def live_server(
     database: None, fakepay: FakePayProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """The app as users run it: a uvicorn process over real HTTP."""
     log_path = tmp_path_factory.mktemp("live") / "app.log"
-    process, url = start_live_server(log_path)
+    process, url = start_app(log_path)
     try:
         yield LiveServer(url, log_path)
     finally:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_port, start_live_server
+from scripts.processes import free_port, start_app
 
 CANCELLED_ID = "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"
 
@@ -77,7 +77,7 @@ def test_a_sensible_request_id_from_the_caller_is_kept(client: Any) -> None:
 def app_without_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A live app whose DB_URL points at a port where nothing listens."""
     log_path = tmp_path_factory.mktemp("nodb") / "app.log"
-    process, url = start_live_server(log_path, env={"DB_URL": f"127.0.0.1:{free_port()}/nothing"})
+    process, url = start_app(log_path, env={"DB_URL": f"127.0.0.1:{free_port()}/nothing"})
     try:
         yield url
     finally:

@@ -13,8 +13,9 @@ from sqlmodel import Session, col, select, text
 
 from db import engine
 from models import Payment, PaymentStatus
+from scripts.processes import start_app
 from settings import settings
-from tests.conftest import FakePayProcess, start_live_server
+from tests.conftest import FakePayProcess
 from tests.stand_in import StandInProvider, silent_provider
 from tests.tcp_proxy import TcpProxy
 
@@ -54,7 +55,7 @@ class RequestFn:
 def two_workers(
     database: None, fakepay: FakePayProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    process, url = start_live_server(tmp_path_factory.mktemp("workers") / "app.log", workers=2)
+    process, url = start_app(tmp_path_factory.mktemp("workers") / "app.log", workers=2)
     try:
         with httpx.Client(base_url=url, timeout=10) as http:
             deadline = time.monotonic() + 15
@@ -135,7 +136,7 @@ def app_with_hanging_provider(
     database: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     with silent_provider() as provider_url:
-        process, url = start_live_server(
+        process, url = start_app(
             tmp_path_factory.mktemp("hanging") / "app.log",
             env={"FAKEPAY_URL": provider_url, "FAKEPAY_TIMEOUT": "6"},
         )
@@ -207,7 +208,7 @@ def database_proxy(database: None) -> Iterator[TcpProxy]:
 def app_behind_proxy(
     database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
 ) -> Iterator[str]:
-    process, url = start_live_server(
+    process, url = start_app(
         tmp_path / "app.log", env={"DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}"}
     )
     try:
@@ -265,7 +266,7 @@ def test_a_payment_outcome_survives_a_short_database_outage(
     results: dict[str, httpx.Response] = {}
     with StandInProvider() as provider:
         provider.answer(200, {"message": "Payment processed successfully"}, delay_s=1.0)
-        process, url = start_live_server(
+        process, url = start_app(
             tmp_path / "app.log",
             env={
                 "DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}",
