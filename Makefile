@@ -4,7 +4,7 @@ SHELL := /bin/sh
 
 VENV := .venv
 BIN := $(VENV)/bin
-STACK := $(BIN)/python scripts/stack.py
+STACK := $(BIN)/python -m scripts.stack
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -20,7 +20,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 	@touch $@
 
 run: install db-up fakepay-up ## serve the API on http://127.0.0.1:8000 with live reload
-	$(BIN)/uvicorn main:app --reload --host $(HOST) --port $(PORT)
+	$(BIN)/uvicorn main:app --loop uvloop --http httptools --reload --host $(HOST) --port $(PORT)
 
 stop: ## stop FakePay and the private database server (data kept)
 	-@[ -x $(BIN)/python ] && $(STACK) fakepay-down
@@ -28,7 +28,7 @@ stop: ## stop FakePay and the private database server (data kept)
 
 WORKERS ?= 2
 serve: install db-up ## production mode: N uvicorn workers (WORKERS=2), no reload, JSON logs
-	LOG_JSON=true $(BIN)/uvicorn main:app --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
+	LOG_JSON=true $(BIN)/uvicorn main:app --loop uvloop --http httptools --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
 
 test: install db-up ## run the test suite (its own database, its own FakePay)
 	$(BIN)/pytest
@@ -59,7 +59,7 @@ fakepay-down: install ## stop the FakePay started by fakepay-up
 
 N ?= 1000000
 seed: install db-up ## add N realistic invoices to the database in DB_URL (default 1000000)
-	$(BIN)/python scripts/seed.py $(N)
+	$(BIN)/python -m scripts.seed $(N)
 
 node_modules/.installed: package.json package-lock.json
 	@command -v npm >/dev/null || { echo "npm is needed: install Node.js (Debian/Ubuntu: apt-get install nodejs npm)"; exit 1; }
@@ -76,7 +76,7 @@ e2e: install db-up fakepay-up ## headless Chromium clicks Try it out in Swagger 
 
 ROWS ?= 200000
 bench: install db-up ## benchmark against a minimal baseline (ROWS=200000); see BENCHMARKS.md
-	$(BIN)/python bench/run.py --rows $(ROWS)
+	$(BIN)/python -m bench.run --rows $(ROWS)
 
 clean: stop ## stop everything and delete .venv, .data and caches
 	rm -rf $(VENV) .data .tools node_modules artifacts .pytest_cache .mypy_cache .ruff_cache

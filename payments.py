@@ -14,8 +14,8 @@ An attempt left PROCESSING by a crash blocks its invoice only until it is older 
 provider's timeouts plus a margin; the next claim then marks it ABANDONED.
 """
 
+import asyncio
 import math
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
 
+import anyio
 import httpx
 from fastapi import Depends, Request
 from loguru import logger
 from pydantic import SecretStr, field_serializer
 from sqlalchemy import ColumnElement, literal_column, update
 from sqlalchemy.dialects.mysql import DATETIME
-from sqlmodel import Session, col, select
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from db import DATABASE_UNREACHABLE
 from models import (
@@ -134,40 +136,52 @@ class ChargeResult:
 
 
 class FakePayClient:
-    """A pooled HTTP client for FakePay with a cap on calls in flight.
+    """A pooled async HTTP client for FakePay with a cap on calls in flight.
 
-    The cap is a bulkhead: sync routes share one threadpool, so a hanging provider must not be
-    able to take every thread; calls past the cap are refused at once instead of queued.
+    The cap keeps a hanging provider from collecting an unbounded pile of waiting requests
+    (each holding its invoice's attempt open): calls past it are refused at once, not queued.
+    httpx's timeouts apply to each read, so a provider that trickles its reply byte by byte
+    could keep a call open indefinitely; `deadline` bounds the whole call.
     """
 
     def __init__(self, config: Settings) -> None:
         self.url = config.fakepay_url
         self.read_timeout = config.fakepay_timeout
+        self.deadline = config.fakepay_deadline
         self.stale_after_s = math.ceil(
             config.fakepay_connect_timeout + config.fakepay_timeout + STALE_MARGIN_S
         )
-        self._slots = threading.BoundedSemaphore(config.fakepay_max_concurrency)
-        self._http = httpx.Client(
+        self._slots = anyio.CapacityLimiter(config.fakepay_max_concurrency)
+        self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(config.fakepay_timeout, connect=config.fakepay_connect_timeout),
             limits=httpx.Limits(max_connections=config.fakepay_max_concurrency),
         )
 
-    def close(self) -> None:
-        self._http.close()
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
     @contextmanager
     def slot(self) -> Iterator[bool]:
-        acquired = self._slots.acquire(blocking=False)
         try:
-            yield acquired
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            yield False
+            return
+        try:
+            yield True
         finally:
-            if acquired:
-                self._slots.release()
+            self._slots.release()
 
-    def charge(self, request: FakePayRequest) -> ChargeResult:
+    async def charge(self, request: FakePayRequest) -> ChargeResult:
         body = request.model_dump(mode="json", by_alias=True)
         try:
-            response = self._http.post(self.url, json=body)
+            async with asyncio.timeout(self.deadline):
+                response = await self._http.post(self.url, json=body)
+        except TimeoutError:
+            return ChargeResult(
+                PaymentStatus.UNKNOWN,
+                f"FakePay did not finish its reply within {self.deadline:g} s",
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout):
             return ChargeResult(PaymentStatus.FAILED, "FakePay could not be reached")
         except httpx.TimeoutException:
@@ -195,7 +209,7 @@ def declined_reason(response: httpx.Response) -> str:
     return str(reason)[:255] if reason else "no reason given"
 
 
-def get_fakepay(request: Request) -> FakePayClient:
+async def get_fakepay(request: Request) -> FakePayClient:
     client: FakePayClient = request.state.fakepay
     return client
 
@@ -210,31 +224,33 @@ class ClaimedInvoice:
     payment_id: int
 
 
-def claim(
-    session: Session, invoice_id: str, masked: MaskedCard, stale_after_s: int
+async def claim(
+    session: AsyncSession, invoice_id: str, masked: MaskedCard, stale_after_s: int
 ) -> ClaimedInvoice:
-    with session.begin():
-        row = session.exec(
+    async with session.begin():
+        result = await session.exec(
             select(Invoice, Customer)
             .join(Customer, col(Customer.customer_id) == col(Invoice.customer_id))
             .where(Invoice.id == invoice_id)
             .with_for_update()
-        ).first()
+        )
+        row = result.first()
         if row is None:
             raise InvoiceNotFoundError(invoice_id)
         invoice, customer = row
         if invoice.invoice_status != InvoiceStatus.PENDING:
             raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
-        in_flight = session.exec(
+        attempts = await session.exec(
             select(Payment.id, col(Payment.created_at) < stale_cutoff(stale_after_s)).where(
                 Payment.invoice_id == invoice_id,
                 Payment.payment_status == PaymentStatus.PROCESSING,
             )
-        ).all()
+        )
+        in_flight = attempts.all()
         if any(not stale for _, stale in in_flight):
             raise PaymentInProgressError(invoice_id)
         if in_flight:
-            session.exec(
+            await session.exec(
                 update(Payment)
                 .where(col(Payment.id).in_([payment_id for payment_id, _ in in_flight]))
                 .values(payment_status=PaymentStatus.ABANDONED, reason="superseded after a stall")
@@ -247,7 +263,7 @@ def claim(
             card_expiry=masked.expiry,
         )
         session.add(payment)
-        session.flush()
+        await session.flush()
         assert payment.id is not None
         claimed = ClaimedInvoice(invoice, customer, payment.id)
     # A snapshot from here on: a failed settle's rollback must not expire these objects and
@@ -264,7 +280,7 @@ def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
 SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
 
 
-def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult) -> None:
     """Record the outcome, retrying through a short database outage: once the provider has
     answered, losing that answer would leave a charged invoice PENDING. Both updates set
     absolute values, so a retry is harmless. A success takes the invoice row first, the lock
@@ -272,14 +288,14 @@ def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> N
     """
     for delay in (*SETTLE_RETRY_DELAYS_S, None):
         try:
-            with session.begin():
+            async with session.begin():
                 if result.status == PaymentStatus.SUCCEEDED:
-                    session.exec(
+                    await session.exec(
                         update(Invoice)
                         .where(col(Invoice.id) == claimed.invoice.id)
                         .values(invoice_status=InvoiceStatus.PAID)
                     )
-                session.exec(
+                await session.exec(
                     update(Payment)
                     .where(col(Payment.id) == claimed.payment_id)
                     .values(payment_status=result.status, reason=result.reason)
@@ -293,28 +309,28 @@ def settle(session: Session, claimed: ClaimedInvoice, result: ChargeResult) -> N
                 )
                 raise
             logger.warning("recording payment of invoice {} failed; retrying", claimed.invoice.id)
-            time.sleep(delay)
+            await asyncio.sleep(delay)
         else:
             if result.status == PaymentStatus.SUCCEEDED:
                 claimed.invoice.invoice_status = InvoiceStatus.PAID
             return
 
 
-def pay_invoice(
-    session: Session, fakepay: FakePayClient, invoice_id: str, card: Card
+async def pay_invoice(
+    session: AsyncSession, fakepay: FakePayClient, invoice_id: str, card: Card
 ) -> tuple[Invoice, Customer, MaskedCard]:
     """Charge `card` for a PENDING invoice once; raise a `PaymentError` for every other end."""
     masked = card.masked()
-    claimed = claim(session, invoice_id, masked, fakepay.stale_after_s)
+    claimed = await claim(session, invoice_id, masked, fakepay.stale_after_s)
     with fakepay.slot() as acquired:
         if not acquired:
-            settle(
+            await settle(
                 session, claimed, ChargeResult(PaymentStatus.FAILED, "too many payments in flight")
             )
             raise ProviderBusyError(invoice_id)
         logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
         started = time.perf_counter()
-        result = fakepay.charge(
+        result = await fakepay.charge(
             FakePayRequest(
                 transaction_id=invoice_id,
                 card=FakePayCard(number=card.number, expiry=card.expiry, name=card.name),
@@ -328,7 +344,7 @@ def pay_invoice(
         result.reason or "ok",
         elapsed_ms,
     )
-    settle(session, claimed, result)
+    await settle(session, claimed, result)
     if result.status == PaymentStatus.SUCCEEDED:
         return claimed.invoice, claimed.customer, masked
     reason = result.reason or "unknown"

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import URL
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 
@@ -21,14 +22,21 @@ class Settings(BaseSettings):
         pattern=r"^[^:/\s]+(:\d+)?/\w+$",
         description="host:port/database",
     )
-    db_connect_timeout: int = Field(default=2, ge=1, le=30, description="seconds")
-    db_read_timeout: int = Field(default=10, ge=1, description="seconds")
-    db_pool_size: int = Field(default=40, ge=1, description="matches the sync threadpool")
-    db_pool_timeout: float = Field(default=2.0, gt=0, description="seconds")
+    # A dead or silent database must turn into a 503 within 3 s: a stale pooled connection
+    # costs one read timeout (its ping), a new one at most the connect timeout.
+    db_connect_timeout: float = Field(default=1.5, gt=0, le=2, description="seconds")
+    db_read_timeout: float = Field(
+        default=1.2, gt=0, description="seconds one query may wait for the server's reply"
+    )
+    db_pool_size: int = Field(default=20, ge=1, description="connections per process")
+    db_pool_timeout: float = Field(default=2.0, gt=0, description="seconds to wait for one")
 
     fakepay_url: str = "http://127.0.0.1:9000/fakepay"
     fakepay_connect_timeout: float = Field(default=3.0, gt=0, description="seconds")
     fakepay_timeout: float = Field(default=10.0, gt=0, description="read timeout, seconds")
+    fakepay_deadline: float = Field(
+        default=15.0, gt=0, description="seconds one provider call may take in all"
+    )
     fakepay_max_concurrency: int = Field(
         default=8, ge=1, description="provider calls in flight per process; more answer 503"
     )
@@ -48,6 +56,17 @@ class Settings(BaseSettings):
     @property
     def db_name(self) -> str:
         return self.db_url.split("/", 1)[1]
+
+    def database_url(self, driver: str = "aiomysql") -> URL:
+        """The SQLAlchemy URL of DB_URL: aiomysql for the app, pymysql for sync tools."""
+        return URL.create(
+            f"mysql+{driver}",
+            username=self.db_user,
+            password=self.db_password.get_secret_value(),
+            host=self.db_host,
+            port=self.db_port,
+            database=self.db_name,
+        )
 
 
 settings = Settings()

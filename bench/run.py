@@ -4,22 +4,20 @@ The machine is shared and its speed drifts, so every figure that matters is a ra
 baseline measured in the same run, alternating the two so drift hits both, and each figure is
 the median of several rounds. Load comes from wrk on loopback.
 
-    python bench/run.py [--rows N] [--duration S] [--rounds R] [--reuse]
+    python -m bench.run [--rows N] [--duration S] [--rounds R] [--reuse]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,17 +25,17 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from db import admin_connection, apply_script, create_database  # noqa: E402
-from models import encode_cursor  # noqa: E402
-from scripts.processes import free_port, start_app, wait_for_port  # noqa: E402
-from scripts.seed import seed  # noqa: E402
-from settings import Settings  # noqa: E402
+from models import encode_cursor
+from scripts.processes import running_app, running_fakepay
+from scripts.schema import admin_connection, apply_script, create_database
+from scripts.seed import seed
+from settings import PROJECT_ROOT as ROOT
+from settings import Settings
 
 RESULTS = ROOT / "bench" / "results"
 PAY_CARD = {"number": "4111111111111111", "expiry": "12-2039", "name": "Bench Card"}
+PAY_BODY = {"jobDescription": "Bench", "amount": 9.99, "customerId": 1, "card": PAY_CARD}
+FAKEPAY_BODY = {"transactionId": "8176929e-5484-462b-9758-c74ac68f7892", "card": PAY_CARD}
 DONE_LUA = """
 done = function(summary, latency, requests)
   local errors = summary.errors
@@ -72,19 +70,6 @@ def ensure_wrk() -> str:
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, env=env)
     return shutil.which("wrk") or "wrk"
-
-
-@contextmanager
-def server(
-    log: Path, env: dict[str, str], workers: int = 1, app: str = "main:app"
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A uvicorn process on a free port for as long as the block runs."""
-    process, url = start_app(log, env, workers=workers, app=app)
-    try:
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def peak_rss_mib(process: subprocess.Popen[bytes]) -> float:
@@ -232,8 +217,16 @@ def chart(measurements: list[Measurement], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+TARGETS = {
+    "app": "main:app",
+    "baseline (async)": "bench.baselines:async_app",
+    "baseline (sync)": "bench.baselines:sync_app",
+}
+BASELINE = "baseline (async)"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="benchmark the app against a minimal baseline")
+    parser = argparse.ArgumentParser(description="benchmark the app against minimal baselines")
     parser.add_argument("--rows", type=int, default=200_000, help="invoices to seed")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure")
@@ -249,90 +242,63 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     wrk = Wrk(wrk_binary, args.duration, workdir)
-    fakepay_port = free_port()
-    env = {
-        "DB_URL": bench_db,
-        "FAKEPAY_URL": f"http://127.0.0.1:{fakepay_port}/fakepay",
-        "LOG_LEVEL": "WARNING",
-    }
     measurements: list[Measurement] = []
     rss: dict[str, float] = {}
-    with (
-        fakepay_server(fakepay_port, workdir) as fakepay_url,
-        server(workdir / "app.log", env) as (app_url, app),
-        server(workdir / "baseline.log", env, app="bench.baseline_app:app") as (base_url, baseline),
-    ):
-        pair = {"app": app_url, "baseline": base_url}
-        read = wrk.script("read", ids_script(ids))
-        listing = wrk.script("list", get_script("/invoices"))
-        filtered = wrk.script("list_pending", get_script("/invoices?invoiceStatus=PENDING"))
-        for connections in (1, 32):
-            measurements += measure(wrk, pair, "GET /invoice/{id}", read, connections, args.rounds)
-            measurements += measure(wrk, pair, "GET /invoices", listing, connections, args.rounds)
+    with running_fakepay(workdir / "fakepay.log") as fakepay:
+        # INFO: the app writes its one line per request, as it does in production.
+        env = {"DB_URL": bench_db, "FAKEPAY_URL": f"{fakepay.url}/fakepay", "LOG_LEVEL": "INFO"}
+        with contextlib.ExitStack() as stack:
+            servers = {
+                name: stack.enter_context(running_app(workdir / f"{n}.log", env, app=app))
+                for n, (name, app) in enumerate(TARGETS.items())
+            }
+            urls = {name: running.url for name, running in servers.items()}
+            read = wrk.script("read", ids_script(ids))
+            listing = wrk.script("list", get_script("/invoices"))
+            filtered = wrk.script("list_pending", get_script("/invoices?invoiceStatus=PENDING"))
+            for connections in (1, 32):
+                for endpoint, script in (
+                    ("GET /invoice/{id}", read),
+                    ("GET /invoices", listing),
+                    ("GET /invoices?invoiceStatus=PENDING", filtered),
+                ):
+                    measurements += measure(wrk, urls, endpoint, script, connections, args.rounds)
+            app_url = urls["app"]
+            deep = wrk.script("scroll_deep", get_script(f"/invoices/scroll?cursor={deep_cursor}"))
             measurements += measure(
-                wrk,
-                pair,
-                "GET /invoices?invoiceStatus=PENDING",
-                filtered,
-                connections,
-                args.rounds,
+                wrk, {"app": app_url}, "GET /invoices/scroll (middle)", deep, 1, args.rounds
             )
-        deep = wrk.script("scroll_deep", get_script(f"/invoices/scroll?cursor={deep_cursor}"))
-        measurements += measure(
-            wrk, {"app": app_url}, "GET /invoices/scroll (middle)", deep, 1, args.rounds
-        )
-        pay = wrk.script(
-            "pay",
-            post_script(
-                "/invoice",
-                {"jobDescription": "Bench", "amount": 9.99, "customerId": 1, "card": PAY_CARD},
-            ),
-        )
-        direct = wrk.script(
-            "fakepay",
-            post_script(
-                "/fakepay",
-                {"transactionId": "8176929e-5484-462b-9758-c74ac68f7892", "card": PAY_CARD},
-            ),
-        )
-        for connections in (1, 8):
-            measurements += measure(
-                wrk, {"app": app_url}, "POST /invoice with card", pay, connections, args.rounds
-            )
-            measurements += measure(
-                wrk, {"fakepay": fakepay_url}, "POST /fakepay", direct, connections, args.rounds
-            )
-        rss["app (1 worker)"] = peak_rss_mib(app)
-        rss["baseline"] = peak_rss_mib(baseline)
-        measurements.append(timed_deep_page(app_url, max(1, args.rows // 20), args.rounds))
+            pay_body = {
+                "jobDescription": "Bench",
+                "amount": 9.99,
+                "customerId": 1,
+                "card": PAY_CARD,
+            }
+            pay = wrk.script("pay", post_script("/invoice", pay_body))
+            fakepay_body = {
+                "transactionId": "8176929e-5484-462b-9758-c74ac68f7892",
+                "card": PAY_CARD,
+            }
+            direct = wrk.script("fakepay", post_script("/fakepay", fakepay_body))
+            for connections in (1, 8):
+                measurements += measure(
+                    wrk, {"app": app_url}, "POST /invoice with card", pay, connections, args.rounds
+                )
+                measurements += measure(
+                    wrk, {"fakepay": fakepay.url}, "POST /fakepay", direct, connections, args.rounds
+                )
+            for name, running in servers.items():
+                rss[name] = peak_rss_mib(running.process)
+            measurements.append(timed_deep_page(app_url, max(1, args.rows // 20), args.rounds))
 
-    with server(workdir / "app2.log", env, workers=2) as (
-        app2_url,
-        app2,
-    ):
-        time.sleep(2)  # both workers up
-        measurements += measure(
-            wrk, {"app, 2 workers": app2_url}, "GET /invoice/{id}", read, 32, args.rounds
-        )
-        rss["app (2 workers, per worker)"] = peak_rss_mib(app2)
+        with running_app(workdir / "app2.log", env, workers=2) as app2:
+            time.sleep(2)  # both workers up
+            measurements += measure(
+                wrk, {"app, 2 workers": app2.url}, "GET /invoice/{id}", read, 32, args.rounds
+            )
+            rss["app (2 workers, per worker)"] = peak_rss_mib(app2.process)
 
     report(measurements, rss, seed_rate, args)
-
-
-@contextmanager
-def fakepay_server(port: int, workdir: Path) -> Iterator[str]:
-    with (workdir / "fakepay.log").open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "fake_pay.py"), str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def timed_deep_page(url: str, page: int, rounds: int) -> Measurement:
@@ -377,7 +343,7 @@ def report(
             (
                 b.req_per_s
                 for b in measurements
-                if (b.target, b.endpoint, b.connections) == ("baseline", m.endpoint, m.connections)
+                if (b.target, b.endpoint, b.connections) == (BASELINE, m.endpoint, m.connections)
             ),
             0.0,
         )
@@ -387,16 +353,20 @@ def report(
             f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {ratio:>8} {m.errors:>6}"
         )
 
-    read = "GET /invoice/{id}"
+    read, listing = "GET /invoice/{id}", "GET /invoices"
+
+    def versus(target: str, endpoint: str, c: int, base: str = BASELINE) -> float:
+        return find(measurements, target, endpoint, c).req_per_s / max(
+            find(measurements, base, endpoint, c).req_per_s, 1e-9
+        )
+
     ratios = {
-        "read vs baseline, c=1": find(measurements, "app", read, 1).req_per_s
-        / find(measurements, "baseline", read, 1).req_per_s,
-        "read vs baseline, c=32": find(measurements, "app", read, 32).req_per_s
-        / find(measurements, "baseline", read, 32).req_per_s,
-        "read, 2 workers vs 1-worker baseline, c=32": find(
-            measurements, "app, 2 workers", read, 32
-        ).req_per_s
-        / find(measurements, "baseline", read, 32).req_per_s,
+        "read vs async baseline, c=1": versus("app", read, 1),
+        "read vs async baseline, c=32": versus("app", read, 32),
+        "list page 1 vs async baseline, c=1": versus("app", listing, 1),
+        "list page 1 vs async baseline, c=32": versus("app", listing, 32),
+        "sync baseline vs async baseline, read c=32": versus("baseline (sync)", read, 32),
+        "read, 2 workers vs 1-worker async baseline, c=32": versus("app, 2 workers", read, 32),
         "pay flow vs FakePay alone, c=8": find(
             measurements, "app", "POST /invoice with card", 8
         ).req_per_s

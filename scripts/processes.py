@@ -1,4 +1,4 @@
-"""Starting the app (or another ASGI app) as a uvicorn process on a free loopback port.
+"""Running the app (or another ASGI app) and FakePay as child processes on free loopback ports.
 
 Standard library only and free of the app's own modules, so the test suite can use it before
 it has pointed the settings at its own database.
@@ -9,9 +9,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The event loop and HTTP parser the app is served with everywhere: make, tests and bench.
+UVICORN = ["-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
+
+
+@dataclass(frozen=True)
+class Running:
+    """A child process serving HTTP at `url`, its output in `log_path`."""
+
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
 
 
 def free_port() -> int:
@@ -40,19 +54,14 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
         time.sleep(0.05)
 
 
-def start_app(
-    log_path: Path,
-    env: dict[str, str] | None = None,
-    workers: int = 1,
-    app: str = "main:app",
-) -> tuple[subprocess.Popen[bytes], str]:
-    """A uvicorn process serving `app` on a free port, ready; its output goes to `log_path`."""
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", str(workers), "--no-access-log"]
+@contextmanager
+def running(
+    arguments: list[str], port: int, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[Running]:
+    """`python <arguments>` listening on `port`, ready, for as long as the block runs."""
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command,
+            [sys.executable, *arguments],
             cwd=PROJECT_ROOT,
             env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
@@ -61,7 +70,26 @@ def start_app(
         )
     try:
         wait_for_port(port, process)
-    except RuntimeError:
-        process.kill()
-        raise
-    return process, f"http://127.0.0.1:{port}"
+        yield Running(f"http://127.0.0.1:{port}", log_path, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def running_app(
+    log_path: Path, env: dict[str, str] | None = None, workers: int = 1, app: str = "main:app"
+) -> AbstractContextManager[Running]:
+    """The app under uvicorn on a free port."""
+    port = free_port()
+    arguments = [*UVICORN, app, "--host", "127.0.0.1", "--port", str(port)]
+    return running([*arguments, "--workers", str(workers)], port, log_path, env)
+
+
+def running_fakepay(log_path: Path, port: int | None = None) -> AbstractContextManager[Running]:
+    """The real fake_pay.py on `port`, or on a free one."""
+    port = port or free_port()
+    return running([str(PROJECT_ROOT / "fake_pay.py"), str(port)], port, log_path)

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db import admin_connection
 from models import uuid7
+from scripts.schema import admin_connection
 from settings import Settings
 
 JOBS = [

@@ -1,6 +1,6 @@
 """The local stack for `make`: the private database server and FakePay.
 
-    python scripts/stack.py db-up | db-down | db-reset | fakepay-up | fakepay-down
+    python -m scripts.stack db-up | db-down | db-reset | fakepay-up | fakepay-down
 
 `db-up` reuses a server that already answers at DB_URL with the configured credentials (a
 docker-compose MySQL, say). Otherwise it runs a private MariaDB or MySQL 8 out of `.data/`,
@@ -25,10 +25,8 @@ from urllib.parse import urlsplit
 
 import pymysql
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from db import admin_connection, apply_script, create_database, existing_tables
-from scripts.processes import port_answers, start_app
+from scripts.processes import port_answers, running_app
+from scripts.schema import admin_connection, apply_script, create_database, existing_tables
 from settings import PROJECT_ROOT, Settings
 
 DATA = PROJECT_ROOT / ".data"
@@ -274,15 +272,12 @@ def with_app(command: list[str]) -> int:
     DATA.mkdir(exist_ok=True)
     log_path = DATA / "app-with.log"
     try:
-        app, url = start_app(log_path)
+        with running_app(log_path) as app:
+            log(f"app serving on {app.url} for: {' '.join(command)}")
+            env = {**os.environ, "APP_URL": app.url}
+            return subprocess.run(command, env=env, check=False).returncode
     except RuntimeError as exc:
         raise SystemExit(f"the app did not start ({exc}); see {log_path}") from None
-    try:
-        log(f"app serving on {url} for: {' '.join(command)}")
-        return subprocess.run(command, env={**os.environ, "APP_URL": url}, check=False).returncode
-    finally:
-        app.terminate()
-        app.wait(timeout=30)
 
 
 def main() -> None:

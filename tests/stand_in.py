@@ -16,6 +16,7 @@ class Behaviour:
     status: int = 200
     body: bytes = b'{"message": "Payment processed successfully"}'
     delay_s: float = 0.0
+    trickle_s: float = 0.0  # > 0: send the body one byte at a time, this far apart
 
 
 class StandInProvider:
@@ -39,7 +40,13 @@ class StandInProvider:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(behaviour.body)))
                     self.end_headers()
-                    self.wfile.write(behaviour.body)
+                    if behaviour.trickle_s:
+                        for byte in behaviour.body:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(behaviour.trickle_s)
+                    else:
+                        self.wfile.write(behaviour.body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -49,9 +56,15 @@ class StandInProvider:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/fakepay"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def answer(self, status: int, body: bytes | dict[str, Any], delay_s: float = 0.0) -> None:
+    def answer(
+        self,
+        status: int,
+        body: bytes | dict[str, Any],
+        delay_s: float = 0.0,
+        trickle_s: float = 0.0,
+    ) -> None:
         encoded = json.dumps(body).encode() if isinstance(body, dict) else body
-        self.behaviour = Behaviour(status, encoded, delay_s)
+        self.behaviour = Behaviour(status, encoded, delay_s, trickle_s)
 
     def requests_for(self, transaction_id: str) -> list[dict[str, Any]]:
         return [body for body in self.received if body.get("transactionId") == transaction_id]

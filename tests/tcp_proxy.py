@@ -15,6 +15,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self._frozen = threading.Event()
 
     def start(self) -> None:
         listener = socket.socket()
@@ -26,6 +27,7 @@ class TcpProxy:
 
     def cut(self) -> None:
         """Refuse new connections and reset every open one, as a crashed server would."""
+        self._frozen.clear()
         with self._lock:
             listener, self._listener = self._listener, None
             open_sockets, self._sockets = self._sockets, set()
@@ -38,12 +40,24 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def freeze(self) -> None:
+        """Keep every connection open and accept new ones, but forward nothing either way: a
+        server behind a dropped network, as the app sees it."""
+        self._frozen.set()
+
+    def thaw(self) -> None:
+        self._frozen.clear()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self._frozen.is_set():
+                with self._lock:
+                    self._sockets.add(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -55,10 +69,10 @@ class TcpProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with suppress(OSError):
             while chunk := source.recv(65536):
-                sink.sendall(chunk)
+                if not self._frozen.is_set():
+                    sink.sendall(chunk)
         with suppress(OSError):
             sink.shutdown(socket.SHUT_WR)

@@ -5,12 +5,13 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 VALID = {"jobDescription": "Fuzzed", "amount": 10, "customerId": 1}
 CARD = {"number": "1234567812345678", "expiry": "01-2040", "name": "J Doe"}
 
 
-def test_body_over_64_kib_is_413(client: Any) -> None:
+def test_body_over_64_kib_is_413(client: TestClient) -> None:
     response = client.post("/invoice", json={**VALID, "jobDescription": "x" * 70_000})
 
     assert response.status_code == 413
@@ -27,7 +28,7 @@ def test_chunked_body_over_64_kib_is_413(http: httpx.Client) -> None:
     assert response.status_code == 413
 
 
-def test_malformed_json_is_422_saying_where(client: Any) -> None:
+def test_malformed_json_is_422_saying_where(client: TestClient) -> None:
     response = client.post(
         "/invoice", content=b'{"amount": 1,', headers={"Content-Type": "application/json"}
     )
@@ -38,7 +39,7 @@ def test_malformed_json_is_422_saying_where(client: Any) -> None:
     assert error["msg"].startswith("Invalid JSON: ")
 
 
-def test_body_that_is_not_utf8_is_400(client: Any) -> None:
+def test_body_that_is_not_utf8_is_400(client: TestClient) -> None:
     response = client.post(
         "/invoice", content=b"\xff\xfe\x00", headers={"Content-Type": "application/json"}
     )
@@ -69,7 +70,7 @@ def test_body_that_is_not_utf8_is_400(client: Any) -> None:
         {**VALID, "card": {**CARD, "name": "J \ud800 Doe"}},
     ],
 )
-def test_wrong_shapes_and_absurd_values_are_422(client: Any, body: Any) -> None:
+def test_wrong_shapes_and_absurd_values_are_422(client: TestClient, body: Any) -> None:
     # json.dumps escapes lone surrogates as \ud800, as a hostile client would send them.
     response = client.post(
         "/invoice", content=json.dumps(body), headers={"Content-Type": "application/json"}
@@ -89,7 +90,7 @@ def test_wrong_shapes_and_absurd_values_are_422(client: Any, body: Any) -> None:
         "zero\u200bwidth and combining e\u0301",
     ],
 )
-def test_odd_but_valid_text_is_stored_verbatim(client: Any, text: str) -> None:
+def test_odd_but_valid_text_is_stored_verbatim(client: TestClient, text: str) -> None:
     created = client.post("/invoice", json={**VALID, "jobDescription": text})
 
     assert created.status_code == 201
@@ -97,7 +98,7 @@ def test_odd_but_valid_text_is_stored_verbatim(client: Any, text: str) -> None:
     assert read.json()["jobDescription"] == text
 
 
-def test_unknown_fields_are_ignored(client: Any) -> None:
+def test_unknown_fields_are_ignored(client: TestClient) -> None:
     response = client.post("/invoice", json={**VALID, "invoiceStatus": "PAID", "id": "x"})
 
     assert response.status_code == 201

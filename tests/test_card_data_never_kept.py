@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from db import engine
+from tests.support import direct_engine
 
 # 16 digits, alone or grouped by spaces or dashes, not part of a longer hex run or a UUID.
 CARD_NUMBER = re.compile(
@@ -27,8 +27,8 @@ def log_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def database_dump() -> str:
     lines = []
-    with engine.connect() as connection:
-        for table in inspect(engine).get_table_names():
+    with direct_engine.connect() as connection:
+        for table in inspect(direct_engine).get_table_names():
             for row in connection.execute(text(f"SELECT * FROM `{table}`")):
                 lines.append(" ".join(str(value) for value in row))
     return "\n".join(lines)

@@ -5,22 +5,22 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
 
-from db import engine
 from models import Invoice, Payment
-from tests.conftest import FakePayProcess
+from tests.support import FakePayProcess, direct_engine
 
 CHALLENGE_CARD = {"number": "1234567812345678", "name": "J Doe", "expiry": "01-2040"}
 
 
 def invoice_count() -> int:
-    with Session(engine) as session:
+    with Session(direct_engine) as session:
         return session.exec(select(func.count()).select_from(Invoice)).one()
 
 
 def stored_invoice(invoice_id: str) -> Invoice | None:
-    with Session(engine) as session:
+    with Session(direct_engine) as session:
         return session.get(Invoice, invoice_id)
 
 
@@ -28,7 +28,7 @@ def new_invoice(**overrides: Any) -> dict[str, Any]:
     return {"jobDescription": "Window cleaning", "amount": 10, "customerId": 5, **overrides}
 
 
-def test_create_without_card_matches_the_challenge_example(client: Any) -> None:
+def test_create_without_card_matches_the_challenge_example(client: TestClient) -> None:
     body = {"jobDescription": "Software Development and Testing", "amount": 199.99, "customerId": 2}
 
     response = client.post("/invoice", json=body)
@@ -46,7 +46,7 @@ def test_create_without_card_matches_the_challenge_example(client: Any) -> None:
     }
 
 
-def test_created_invoice_is_persisted_and_readable(client: Any) -> None:
+def test_created_invoice_is_persisted_and_readable(client: TestClient) -> None:
     created = client.post("/invoice", json=new_invoice(amount="12.50")).json()
 
     response = client.get(f"/invoice/{created['id']}")
@@ -59,7 +59,7 @@ def test_created_invoice_is_persisted_and_readable(client: Any) -> None:
 
 
 def test_create_with_card_matches_the_challenge_example(
-    client: Any, fakepay: FakePayProcess
+    client: TestClient, fakepay: FakePayProcess
 ) -> None:
     body = {
         "jobDescription": "Software License Fee",
@@ -86,7 +86,9 @@ def test_create_with_card_matches_the_challenge_example(
     assert received["status"] == 200
 
 
-def test_fakepay_receives_exactly_the_contract_json(client: Any, fakepay: FakePayProcess) -> None:
+def test_fakepay_receives_exactly_the_contract_json(
+    client: TestClient, fakepay: FakePayProcess
+) -> None:
     card = {"number": "1234-5678 1234-5678", "name": "  J Doe ", "expiry": "01-2040"}
 
     invoice_id = client.post("/invoice", json=new_invoice(card=card)).json()["id"]
@@ -99,7 +101,7 @@ def test_fakepay_receives_exactly_the_contract_json(client: Any, fakepay: FakePa
     assert received["status"] == 200  # so FakePay saw 16 plain digits
 
 
-def test_paid_invoice_reads_back_with_its_masked_card(client: Any) -> None:
+def test_paid_invoice_reads_back_with_its_masked_card(client: TestClient) -> None:
     created = client.post("/invoice", json=new_invoice(card=CHALLENGE_CARD)).json()
 
     response = client.get(f"/invoice/{created['id']}")
@@ -109,7 +111,7 @@ def test_paid_invoice_reads_back_with_its_masked_card(client: Any) -> None:
     assert response.json()["card"]["number"] == "123456********5678"
 
 
-def test_unknown_customer_is_404_and_writes_nothing(client: Any) -> None:
+def test_unknown_customer_is_404_and_writes_nothing(client: TestClient) -> None:
     before = invoice_count()
 
     response = client.post("/invoice", json=new_invoice(customerId=999))
@@ -119,7 +121,9 @@ def test_unknown_customer_is_404_and_writes_nothing(client: Any) -> None:
     assert invoice_count() == before
 
 
-def test_unknown_customer_with_card_charges_nothing(client: Any, fakepay: FakePayProcess) -> None:
+def test_unknown_customer_with_card_charges_nothing(
+    client: TestClient, fakepay: FakePayProcess
+) -> None:
     before = len(fakepay.entries())
 
     response = client.post("/invoice", json=new_invoice(customerId=999, card=CHALLENGE_CARD))
@@ -139,7 +143,7 @@ def test_unknown_customer_with_card_charges_nothing(client: Any, fakepay: FakePa
         (9999999999.99, "9999999999.99"),
     ],
 )
-def test_amounts_round_trip_exactly(client: Any, amount: float | str, stored: str) -> None:
+def test_amounts_round_trip_exactly(client: TestClient, amount: float | str, stored: str) -> None:
     created = client.post("/invoice", json=new_invoice(amount=amount))
 
     assert created.status_code == 201
@@ -164,7 +168,7 @@ def test_amounts_round_trip_exactly(client: Any, amount: float | str, stored: st
     ],
 )
 def test_invalid_amount_is_422_and_writes_nothing(
-    client: Any, amount: object, message: str
+    client: TestClient, amount: object, message: str
 ) -> None:
     before = invoice_count()
 
@@ -188,7 +192,7 @@ def test_invalid_amount_is_422_and_writes_nothing(
     ],
 )
 def test_invalid_fields_are_422_naming_the_field(
-    client: Any, field: str, value: object, message: str
+    client: TestClient, field: str, value: object, message: str
 ) -> None:
     response = client.post("/invoice", json=new_invoice(**{field: value}))
 
@@ -198,7 +202,7 @@ def test_invalid_fields_are_422_naming_the_field(
     assert error["msg"].startswith(message)
 
 
-def test_missing_fields_are_each_named(client: Any) -> None:
+def test_missing_fields_are_each_named(client: TestClient) -> None:
     response = client.post("/invoice", json={})
 
     assert response.status_code == 422
@@ -206,7 +210,7 @@ def test_missing_fields_are_each_named(client: Any) -> None:
     assert missing == {"jobDescription", "amount", "customerId"}
 
 
-def test_job_description_keeps_unicode_and_sql_looking_text_verbatim(client: Any) -> None:
+def test_job_description_keeps_unicode_and_sql_looking_text_verbatim(client: TestClient) -> None:
     text = "Robert'); DROP TABLE invoice;-- 🚀 Zoë"
 
     response = client.post("/invoice", json=new_invoice(jobDescription=text))
@@ -215,7 +219,9 @@ def test_job_description_keeps_unicode_and_sql_looking_text_verbatim(client: Any
     assert client.get(f"/invoice/{response.json()['id']}").json()["jobDescription"] == text
 
 
-def test_invalid_card_is_422_and_writes_nothing(client: Any, fakepay: FakePayProcess) -> None:
+def test_invalid_card_is_422_and_writes_nothing(
+    client: TestClient, fakepay: FakePayProcess
+) -> None:
     before, calls_before = invoice_count(), len(fakepay.entries())
     card = {**CHALLENGE_CARD, "number": "1234"}
 
@@ -227,7 +233,7 @@ def test_invalid_card_is_422_and_writes_nothing(client: Any, fakepay: FakePayPro
     assert len(fakepay.entries()) == calls_before
 
 
-def test_validation_errors_never_echo_the_card_number(client: Any) -> None:
+def test_validation_errors_never_echo_the_card_number(client: TestClient) -> None:
     card = {"number": "1234567812345678", "name": "J0hn", "expiry": "13-2040"}
 
     response = client.post("/invoice", json=new_invoice(card=card, amount=-1))
@@ -237,10 +243,10 @@ def test_validation_errors_never_echo_the_card_number(client: Any) -> None:
     assert all("input" not in error for error in response.json()["detail"])
 
 
-def test_payment_is_recorded_as_an_attempt_with_the_masked_card_only(client: Any) -> None:
+def test_payment_is_recorded_as_an_attempt_with_the_masked_card_only(client: TestClient) -> None:
     created = client.post("/invoice", json=new_invoice(card=CHALLENGE_CARD)).json()
 
-    with Session(engine) as session:
+    with Session(direct_engine) as session:
         attempts = session.exec(select(Payment).where(Payment.invoice_id == created["id"])).all()
     assert [(a.payment_status, a.card_number, a.card_name, a.card_expiry) for a in attempts] == [
         ("SUCCEEDED", "123456********5678", "J Doe", "01-2040")

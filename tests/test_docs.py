@@ -4,6 +4,7 @@ import re
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 ASSET = re.compile(r"""(?:src|href)=["']([^"']+)["']|url:\\s*["']([^"']+)["']""")
 
@@ -13,7 +14,7 @@ def assets_of(html: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
-def test_docs_pages_load_every_asset_from_the_app_itself(client: Any, page: str) -> None:
+def test_docs_pages_load_every_asset_from_the_app_itself(client: TestClient, page: str) -> None:
     response = client.get(page)
 
     assert response.status_code == 200
@@ -26,7 +27,7 @@ def test_docs_pages_load_every_asset_from_the_app_itself(client: Any, page: str)
         assert len(fetched.content) > 100, url
 
 
-def test_swagger_ui_bundle_is_the_packaged_javascript(client: Any) -> None:
+def test_swagger_ui_bundle_is_the_packaged_javascript(client: TestClient) -> None:
     html = client.get("/docs").text
     (script,) = [url for url in assets_of(html) if url.endswith("swagger-ui-bundle.js")]
 
@@ -37,7 +38,7 @@ def test_swagger_ui_bundle_is_the_packaged_javascript(client: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def openapi(client: Any) -> dict[str, Any]:
+def openapi(client: TestClient) -> dict[str, Any]:
     document: dict[str, Any] = client.get("/openapi.json").json()
     return document
 

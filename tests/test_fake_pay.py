@@ -5,7 +5,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FakePayProcess
+from tests.support import FakePayProcess
 
 VALID_ID = "8176929e-5484-462b-9758-c74ac68f7892"
 VALID_CARD = {"number": "1234567812345678", "expiry": "01-2040", "name": "J Doe"}
@@ -127,4 +127,4 @@ def test_log_line_masks_the_card_number(fakepay: FakePayProcess) -> None:
     (entry,) = fakepay.requests_for(transaction_id)
     assert entry["request"]["card"]["number"] == "123456********5678"
     assert entry["status"] == 200
-    assert "1234567812345678" not in fakepay.log_path.read_text()
+    assert "1234567812345678" not in fakepay.server.log_path.read_text()

@@ -3,21 +3,22 @@
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
 
-from db import engine
 from models import Invoice, InvoiceStatus
+from tests.support import direct_engine
 
 
 def count_in_db(status: InvoiceStatus | None = None) -> int:
     query = select(func.count()).select_from(Invoice)
     if status is not None:
         query = query.where(Invoice.invoice_status == status)
-    with Session(engine) as session:
+    with Session(direct_engine) as session:
         return session.exec(query).one()
 
 
-def create_invoices(client: Any, count: int) -> list[str]:
+def create_invoices(client: TestClient, count: int) -> list[str]:
     ids = []
     for number in range(count):
         body = {"jobDescription": f"Batch job {number}", "amount": "1.00", "customerId": 2}
@@ -25,7 +26,9 @@ def create_invoices(client: Any, count: int) -> list[str]:
     return ids
 
 
-def test_pending_filter_matches_the_challenge_example(client: Any, seeded_database: None) -> None:
+def test_pending_filter_matches_the_challenge_example(
+    client: TestClient, seeded_database: None
+) -> None:
     response = client.get("/invoices", params={"invoiceStatus": "PENDING"})
 
     assert response.status_code == 200
@@ -57,7 +60,7 @@ def test_pending_filter_matches_the_challenge_example(client: Any, seeded_databa
     }
 
 
-def test_default_page_is_the_first_ten_newest_first(client: Any) -> None:
+def test_default_page_is_the_first_ten_newest_first(client: TestClient) -> None:
     newest = create_invoices(client, 12)
 
     response = client.get("/invoices")
@@ -70,7 +73,7 @@ def test_default_page_is_the_first_ten_newest_first(client: Any) -> None:
 
 
 @pytest.mark.parametrize("status", list(InvoiceStatus))
-def test_filter_returns_only_that_status_with_its_total(client: Any, status: str) -> None:
+def test_filter_returns_only_that_status_with_its_total(client: TestClient, status: str) -> None:
     create_invoices(client, 2)
 
     data = client.get("/invoices", params={"invoiceStatus": status, "size": 100}).json()
@@ -80,7 +83,7 @@ def test_filter_returns_only_that_status_with_its_total(client: Any, status: str
     assert {item["invoiceStatus"] for item in data["items"]} == {status}
 
 
-def test_walking_every_page_returns_each_invoice_once(client: Any) -> None:
+def test_walking_every_page_returns_each_invoice_once(client: TestClient) -> None:
     create_invoices(client, 15)
     total = count_in_db()
     seen: list[str] = []
@@ -93,7 +96,7 @@ def test_walking_every_page_returns_each_invoice_once(client: Any) -> None:
     assert len(set(seen)) == total
 
 
-def test_page_past_the_end_is_empty(client: Any) -> None:
+def test_page_past_the_end_is_empty(client: TestClient) -> None:
     total = count_in_db()
 
     response = client.get("/invoices", params={"page": total + 1, "size": 1})
@@ -105,7 +108,7 @@ def test_page_past_the_end_is_empty(client: Any) -> None:
 
 
 @pytest.mark.parametrize("page", [10**6, 2**63, 10**40])
-def test_huge_page_numbers_are_empty_pages_not_errors(client: Any, page: int) -> None:
+def test_huge_page_numbers_are_empty_pages_not_errors(client: TestClient, page: int) -> None:
     response = client.get("/invoices", params={"page": page, "size": 100})
 
     assert response.status_code == 200
@@ -125,7 +128,7 @@ def test_huge_page_numbers_are_empty_pages_not_errors(client: Any, page: int) ->
     ],
 )
 def test_invalid_query_is_422_naming_the_parameter(
-    client: Any, params: dict[str, Any], name: str
+    client: TestClient, params: dict[str, Any], name: str
 ) -> None:
     response = client.get("/invoices", params=params)
 
@@ -134,7 +137,7 @@ def test_invalid_query_is_422_naming_the_parameter(
     assert error["loc"] == ["query", name]
 
 
-def test_paid_invoices_in_the_list_show_their_masked_card(client: Any) -> None:
+def test_paid_invoices_in_the_list_show_their_masked_card(client: TestClient) -> None:
     card = {"number": "4111111111111111", "expiry": "12-2039", "name": "List Card"}
     body = {"jobDescription": "Listed", "amount": 5, "customerId": 1, "card": card}
     paid_id = client.post("/invoice", json=body).json()["id"]

@@ -1,47 +1,33 @@
 """POST /invoice/pay/{invoice_id}, and how every provider outcome leaves the invoice."""
 
-from collections.abc import Callable
+import time
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
-from sqlmodel import Session, select
+from fastapi.testclient import TestClient
 
-from db import engine
-from models import Payment
-from tests.conftest import FakePayProcess
 from tests.stand_in import StandInProvider, refusing_provider_url, silent_provider
-
-WORK_CARD = {"number": "1234 5656 7822 5678", "expiry": "01-2040", "name": "Work Card"}
-MASKED_WORK_CARD = {"number": "123456********5678", "expiry": "01-2040", "name": "Work Card"}
-SEEDED_PENDING = "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
-SEEDED_CANCELLED = "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"
-SEEDED_PAID = "6f53c4e0-0369-11f0-8d97-7c646cb7c0bc"
-
-
-def pending_invoice(client: Any, **overrides: Any) -> str:
-    body = {"jobDescription": "Building Payment System", "amount": 299.99, "customerId": 3}
-    response = client.post("/invoice", json={**body, **overrides})
-    assert response.status_code == 201
-    invoice_id: str = response.json()["id"]
-    return invoice_id
+from tests.support import (
+    MASKED_WORK_CARD,
+    SEEDED_CANCELLED,
+    SEEDED_PAID,
+    SEEDED_PENDING,
+    UNKNOWN_ID,
+    WORK_CARD,
+    FakePayProcess,
+    UseProvider,
+    attempts,
+    create_pending_invoice,
+)
 
 
-def attempts(invoice_id: str) -> list[tuple[str, str | None]]:
-    with Session(engine) as session:
-        rows = session.exec(
-            select(Payment).where(Payment.invoice_id == invoice_id).order_by(Payment.id)  # type: ignore[arg-type]
-        ).all()
-    return [(row.payment_status, row.reason) for row in rows]
-
-
-def status_of(client: Any, invoice_id: str) -> str:
+def status_of(client: TestClient, invoice_id: str) -> str:
     status: str = client.get(f"/invoice/{invoice_id}").json()["invoiceStatus"]
     return status
 
 
-def test_pay_matches_the_challenge_example(client: Any) -> None:
-    invoice_id = pending_invoice(client)
+def test_pay_matches_the_challenge_example(client: TestClient) -> None:
+    invoice_id = create_pending_invoice(client)
 
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
 
@@ -59,9 +45,9 @@ def test_pay_matches_the_challenge_example(client: Any) -> None:
 
 
 def test_pay_sends_the_invoice_id_and_plain_digits_to_fakepay(
-    client: Any, fakepay: FakePayProcess
+    client: TestClient, fakepay: FakePayProcess
 ) -> None:
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
 
     client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
 
@@ -70,8 +56,8 @@ def test_pay_sends_the_invoice_id_and_plain_digits_to_fakepay(
     assert received["status"] == 200
 
 
-def test_paid_invoice_is_stored_paid_with_its_card(client: Any) -> None:
-    invoice_id = pending_invoice(client)
+def test_paid_invoice_is_stored_paid_with_its_card(client: TestClient) -> None:
+    invoice_id = create_pending_invoice(client)
     client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
 
     data = client.get(f"/invoice/{invoice_id}").json()
@@ -81,7 +67,7 @@ def test_paid_invoice_is_stored_paid_with_its_card(client: Any) -> None:
     assert attempts(invoice_id) == [("SUCCEEDED", None)]
 
 
-def test_pay_seeded_pending_invoice(client: Any, seeded_database: None) -> None:
+def test_pay_seeded_create_pending_invoice(client: TestClient, seeded_database: None) -> None:
     response = client.post(f"/invoice/pay/{SEEDED_PENDING}", json=WORK_CARD)
 
     assert response.status_code == 201
@@ -91,8 +77,8 @@ def test_pay_seeded_pending_invoice(client: Any, seeded_database: None) -> None:
     assert data["invoiceStatus"] == "PAID"
 
 
-def test_paying_twice_is_409_and_charges_once(client: Any, fakepay: FakePayProcess) -> None:
-    invoice_id = pending_invoice(client)
+def test_paying_twice_is_409_and_charges_once(client: TestClient, fakepay: FakePayProcess) -> None:
+    invoice_id = create_pending_invoice(client)
     client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
 
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -108,7 +94,7 @@ def test_paying_twice_is_409_and_charges_once(client: Any, fakepay: FakePayProce
     ("invoice_id", "status"), [(SEEDED_CANCELLED, "CANCELLED"), (SEEDED_PAID, "PAID")]
 )
 def test_pay_non_pending_seeded_invoice_is_409_naming_its_status(
-    client: Any, seeded_database: None, invoice_id: str, status: str
+    client: TestClient, seeded_database: None, invoice_id: str, status: str
 ) -> None:
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
 
@@ -118,16 +104,14 @@ def test_pay_non_pending_seeded_invoice_is_409_naming_its_status(
     }
 
 
-def test_pay_unknown_invoice_is_404(client: Any) -> None:
-    unknown = "00000000-0000-4000-8000-000000000000"
-
-    response = client.post(f"/invoice/pay/{unknown}", json=WORK_CARD)
+def test_pay_unknown_invoice_is_404(client: TestClient) -> None:
+    response = client.post(f"/invoice/pay/{UNKNOWN_ID}", json=WORK_CARD)
 
     assert response.status_code == 404
-    assert response.json() == {"detail": f"Invoice {unknown} not found"}
+    assert response.json() == {"detail": f"Invoice {UNKNOWN_ID} not found"}
 
 
-def test_pay_malformed_id_is_422(client: Any) -> None:
+def test_pay_malformed_id_is_422(client: TestClient) -> None:
     response = client.post("/invoice/pay/12345", json=WORK_CARD)
 
     assert response.status_code == 422
@@ -159,9 +143,9 @@ def last_month() -> str:
     ],
 )
 def test_bad_card_is_422_naming_field_and_rule(
-    client: Any, field: str, value: object, message: str
+    client: TestClient, field: str, value: object, message: str
 ) -> None:
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
 
     response = client.post(f"/invoice/pay/{invoice_id}", json={**WORK_CARD, field: value})
 
@@ -173,9 +157,9 @@ def test_bad_card_is_422_naming_field_and_rule(
     assert attempts(invoice_id) == []
 
 
-def test_card_expiring_this_month_is_accepted(client: Any) -> None:
+def test_card_expiring_this_month_is_accepted(client: TestClient) -> None:
     now = datetime.now(UTC)
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
 
     response = client.post(
         f"/invoice/pay/{invoice_id}", json={**WORK_CARD, "expiry": f"{now.month:02d}-{now.year}"}
@@ -184,7 +168,7 @@ def test_card_expiring_this_month_is_accepted(client: Any) -> None:
     assert response.status_code == 201
 
 
-def test_validation_comes_before_lookup(client: Any) -> None:
+def test_validation_comes_before_lookup(client: TestClient) -> None:
     response = client.post(
         "/invoice/pay/00000000-0000-4000-8000-000000000000", json={**WORK_CARD, "number": "1"}
     )
@@ -193,9 +177,9 @@ def test_validation_comes_before_lookup(client: Any) -> None:
 
 
 def test_decline_is_402_with_fakepay_reason_and_invoice_stays_pending(
-    client: Any, stand_in: StandInProvider
+    client: TestClient, stand_in: StandInProvider
 ) -> None:
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
     stand_in.answer(400, {"error": "payment failed", "reason": "Insufficient funds"})
 
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -209,9 +193,9 @@ def test_decline_is_402_with_fakepay_reason_and_invoice_stays_pending(
 
 
 def test_provider_refusing_connections_is_502(
-    client: Any, use_provider: Callable[[str], None]
+    client: TestClient, use_provider: UseProvider
 ) -> None:
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
     use_provider(refusing_provider_url())
 
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -227,9 +211,9 @@ def test_provider_refusing_connections_is_502(
 
 @pytest.mark.parametrize("status", [500, 503, 404, 302])
 def test_provider_answering_another_status_is_502(
-    client: Any, stand_in: StandInProvider, status: int
+    client: TestClient, stand_in: StandInProvider, status: int
 ) -> None:
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
     stand_in.answer(status, b"<html>oops</html>")
 
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -240,8 +224,10 @@ def test_provider_answering_another_status_is_502(
     assert status_of(client, invoice_id) == "PENDING"
 
 
-def test_provider_200_with_garbage_body_is_paid(client: Any, stand_in: StandInProvider) -> None:
-    invoice_id = pending_invoice(client)
+def test_provider_200_with_garbage_body_is_paid(
+    client: TestClient, stand_in: StandInProvider
+) -> None:
+    invoice_id = create_pending_invoice(client)
     stand_in.answer(200, b"\x00not json at all")
 
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -251,9 +237,9 @@ def test_provider_200_with_garbage_body_is_paid(client: Any, stand_in: StandInPr
 
 
 def test_provider_timeout_is_504_and_outcome_unknown(
-    client: Any, use_provider: Callable[[str], None]
+    client: TestClient, use_provider: UseProvider
 ) -> None:
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
 
     with silent_provider() as url:
         use_provider(url)
@@ -268,8 +254,27 @@ def test_provider_timeout_is_504_and_outcome_unknown(
     assert attempts(invoice_id) == [("UNKNOWN", "FakePay did not reply within 2 s")]
 
 
-def test_slow_reply_inside_the_timeout_is_paid(client: Any, stand_in: StandInProvider) -> None:
-    invoice_id = pending_invoice(client)
+def test_provider_trickling_its_reply_is_cut_off_at_the_deadline_as_504(
+    client: TestClient, stand_in: StandInProvider
+) -> None:
+    """Each byte arrives well inside the 2 s read timeout; only the 4 s deadline ends it."""
+    invoice_id = create_pending_invoice(client)
+    stand_in.answer(200, b" " * 200, trickle_s=0.08)
+
+    started = time.monotonic()
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 504
+    assert "FakePay did not finish its reply within 4 s" in response.json()["detail"]
+    assert 4 <= elapsed < 5
+    assert attempts(invoice_id) == [("UNKNOWN", "FakePay did not finish its reply within 4 s")]
+
+
+def test_slow_reply_inside_the_timeout_is_paid(
+    client: TestClient, stand_in: StandInProvider
+) -> None:
+    invoice_id = create_pending_invoice(client)
     stand_in.answer(200, {"message": "Payment processed successfully"}, delay_s=1.0)
 
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -286,7 +291,7 @@ def test_slow_reply_inside_the_timeout_is_paid(client: Any, stand_in: StandInPro
     ],
 )
 def test_failed_payment_can_be_paid_again_after_recovery_with_same_transaction_id(
-    client: Any,
+    client: TestClient,
     stand_in: StandInProvider,
     status: int,
     body: bytes,
@@ -294,7 +299,7 @@ def test_failed_payment_can_be_paid_again_after_recovery_with_same_transaction_i
     reply: int,
     recorded: tuple[str, str],
 ) -> None:
-    invoice_id = pending_invoice(client)
+    invoice_id = create_pending_invoice(client)
     stand_in.answer(status, body, delay_s)
     assert client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD).status_code == reply
     assert status_of(client, invoice_id) == "PENDING"
@@ -311,7 +316,7 @@ def test_failed_payment_can_be_paid_again_after_recovery_with_same_transaction_i
 
 
 def test_create_with_card_declined_is_402_naming_the_new_pending_invoice(
-    client: Any, stand_in: StandInProvider
+    client: TestClient, stand_in: StandInProvider
 ) -> None:
     stand_in.answer(400, {"error": "payment failed", "reason": "Card blocked"})
     body = {"jobDescription": "Audit", "amount": 50, "customerId": 4, "card": WORK_CARD}

@@ -1,26 +1,30 @@
 """GET /health-check and GET /invoice/{invoice_id}, the two endpoints the challenge gives."""
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from scripts.processes import free_port, start_app
+from scripts.processes import Running, free_port, running_app
+from tests.support import WORK_CARD
 
 CANCELLED_ID = "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"
 
 
-def test_health_check_is_up_after_a_database_round_trip(client: Any) -> None:
+def test_health_check_is_up_after_a_database_round_trip(client: TestClient) -> None:
     response = client.get("/health-check")
 
     assert response.status_code == 200
     assert response.json() == {"status": "UP"}
 
 
-def test_read_invoice_returns_the_challenge_example(client: Any, seeded_database: None) -> None:
+def test_read_invoice_returns_the_challenge_example(
+    client: TestClient, seeded_database: None
+) -> None:
     response = client.get(f"/invoice/{CANCELLED_ID}")
 
     assert response.status_code == 200
@@ -36,7 +40,7 @@ def test_read_invoice_returns_the_challenge_example(client: Any, seeded_database
 
 
 def test_read_invoice_writes_whole_amounts_with_one_decimal(
-    client: Any, seeded_database: None
+    client: TestClient, seeded_database: None
 ) -> None:
     response = client.get("/invoice/6f53c715-0369-11f0-8d97-7c646cb7c0bc")
 
@@ -44,7 +48,7 @@ def test_read_invoice_writes_whole_amounts_with_one_decimal(
     assert '"amount":175.0' in response.text
 
 
-def test_read_unknown_invoice_is_404(client: Any) -> None:
+def test_read_unknown_invoice_is_404(client: TestClient) -> None:
     response = client.get("/invoice/00000000-0000-4000-8000-000000000000")
 
     assert response.status_code == 404
@@ -52,7 +56,7 @@ def test_read_unknown_invoice_is_404(client: Any) -> None:
 
 
 @pytest.mark.parametrize("invoice_id", ["not-a-uuid", "a14e5bd8-02ce-11f0-8d97", "1"])
-def test_read_malformed_id_is_422(client: Any, invoice_id: str) -> None:
+def test_read_malformed_id_is_422(client: TestClient, invoice_id: str) -> None:
     response = client.get(f"/invoice/{invoice_id}")
 
     assert response.status_code == 422
@@ -61,13 +65,13 @@ def test_read_malformed_id_is_422(client: Any, invoice_id: str) -> None:
     assert "UUID" in error["msg"]
 
 
-def test_every_response_carries_a_request_id(client: Any) -> None:
+def test_every_response_carries_a_request_id(client: TestClient) -> None:
     response = client.get("/health-check")
 
     assert len(response.headers["x-request-id"]) == 32
 
 
-def test_a_sensible_request_id_from_the_caller_is_kept(client: Any) -> None:
+def test_a_sensible_request_id_from_the_caller_is_kept(client: TestClient) -> None:
     response = client.get("/health-check", headers={"X-Request-ID": "trace-42"})
 
     assert response.headers["x-request-id"] == "trace-42"
@@ -77,12 +81,8 @@ def test_a_sensible_request_id_from_the_caller_is_kept(client: Any) -> None:
 def app_without_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A live app whose DB_URL points at a port where nothing listens."""
     log_path = tmp_path_factory.mktemp("nodb") / "app.log"
-    process, url = start_app(log_path, env={"DB_URL": f"127.0.0.1:{free_port()}/nothing"})
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with running_app(log_path, env={"DB_URL": f"127.0.0.1:{free_port()}/nothing"}) as server:
+        yield server.url
 
 
 def test_app_starts_and_health_check_is_down_without_database(
@@ -105,10 +105,36 @@ def test_read_invoice_is_503_without_database(app_without_database: str) -> None
     }
 
 
-def test_logs_hold_no_database_password(live_server: Any, http: httpx.Client) -> None:
+def test_logs_hold_no_database_password(live_server: Running, http: httpx.Client) -> None:
     http.get("/health-check")
     http.get(f"/invoice/{CANCELLED_ID}")
 
     log = Path(live_server.log_path).read_text()
     assert "GET /health-check 200" in log
     assert "example" not in log
+
+
+def test_an_unexpected_error_is_a_json_500_with_its_request_id_logged(
+    client: TestClient, app_log: Path
+) -> None:
+    from main import app
+    from payments import get_fakepay
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.dependency_overrides[get_fakepay] = broken
+    try:
+        response = client.post(f"/invoice/pay/{CANCELLED_ID}", json=WORK_CARD)
+    finally:
+        app.dependency_overrides.pop(get_fakepay)
+
+    assert response.status_code == 500
+    assert response.json() == {
+        "detail": "Internal server error; the request id is in the X-Request-ID header"
+    }
+    request_id = response.headers["x-request-id"]
+    logged = [json.loads(line)["record"] for line in app_log.read_text().splitlines()]
+    errors = [r for r in logged if r["extra"]["request_id"] == request_id]
+    assert any(r["level"]["name"] == "ERROR" and r["message"] == "unhandled error" for r in errors)
+    assert any(r["message"].startswith(f"POST /invoice/pay/{CANCELLED_ID} 500") for r in errors)

@@ -9,7 +9,7 @@ from sqlalchemy.dialects import mysql
 from sqlmodel import SQLModel
 
 import models  # noqa: F401  (registers the tables)
-from db import engine
+from tests.support import direct_engine
 
 TABLES = sorted(SQLModel.metadata.tables)
 
@@ -22,12 +22,12 @@ def type_name(sql_type: Any) -> str:
 
 
 def test_models_and_up_sql_define_the_same_tables() -> None:
-    assert sorted(inspect(engine).get_table_names()) == TABLES
+    assert sorted(inspect(direct_engine).get_table_names()) == TABLES
 
 
 @pytest.mark.parametrize("table", TABLES)
 def test_columns_match_types_and_nullability(table: str) -> None:
-    live = {column["name"]: column for column in inspect(engine).get_columns(table)}
+    live = {column["name"]: column for column in inspect(direct_engine).get_columns(table)}
     declared = SQLModel.metadata.tables[table].columns
 
     assert sorted(live) == sorted(column.name for column in declared)
@@ -38,7 +38,7 @@ def test_columns_match_types_and_nullability(table: str) -> None:
 
 @pytest.mark.parametrize("table", TABLES)
 def test_primary_and_foreign_keys_match(table: str) -> None:
-    inspector = inspect(engine)
+    inspector = inspect(direct_engine)
     declared = SQLModel.metadata.tables[table]
 
     live_pk = inspector.get_pk_constraint(table)["constrained_columns"]
@@ -55,7 +55,8 @@ def test_primary_and_foreign_keys_match(table: str) -> None:
 
 def test_invoice_has_indexes_for_newest_first_listing() -> None:
     indexes = {
-        index["name"]: index["column_names"] for index in inspect(engine).get_indexes("invoice")
+        index["name"]: index["column_names"]
+        for index in inspect(direct_engine).get_indexes("invoice")
     }
 
     assert indexes["ix_invoice_created"] == ["created_at", "id"]

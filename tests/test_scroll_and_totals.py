@@ -3,17 +3,18 @@
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
 
-from db import engine
 from models import Invoice, InvoiceStatus, InvoiceStatusCount
+from tests.support import direct_engine
 
 CARD = {"number": "1234567812345678", "expiry": "01-2040", "name": "J Doe"}
 
 
 def counts_table() -> dict[str, int]:
     """Per-status totals as the counts table holds them: the sum of each status's shards."""
-    with Session(engine) as session:
+    with Session(direct_engine) as session:
         rows = session.exec(
             select(
                 InvoiceStatusCount.invoice_status, func.sum(InvoiceStatusCount.invoice_count)
@@ -23,14 +24,14 @@ def counts_table() -> dict[str, int]:
 
 
 def counted_by_scan() -> dict[str, int]:
-    with Session(engine) as session:
+    with Session(direct_engine) as session:
         rows = session.exec(
             select(Invoice.invoice_status, func.count()).group_by(Invoice.invoice_status)
         ).all()
     return dict.fromkeys(InvoiceStatus, 0) | dict(rows)
 
 
-def create(client: Any, **extra: Any) -> str:
+def create(client: TestClient, **extra: Any) -> str:
     body = {"jobDescription": "Counted", "amount": 3, "customerId": 2, **extra}
     response = client.post("/invoice", json=body)
     assert response.status_code == 201
@@ -38,7 +39,7 @@ def create(client: Any, **extra: Any) -> str:
     return invoice_id
 
 
-def test_status_counts_follow_creates_and_payments(client: Any) -> None:
+def test_status_counts_follow_creates_and_payments(client: TestClient) -> None:
     before = counts_table()
 
     create(client)
@@ -51,7 +52,7 @@ def test_status_counts_follow_creates_and_payments(client: Any) -> None:
     assert after == counted_by_scan()
 
 
-def test_list_totals_equal_a_full_count(client: Any) -> None:
+def test_list_totals_equal_a_full_count(client: TestClient) -> None:
     create(client)
     scanned = counted_by_scan()
 
@@ -61,7 +62,7 @@ def test_list_totals_equal_a_full_count(client: Any) -> None:
         assert listed["total"] == scanned[status]
 
 
-def scroll_all(client: Any, size: int, **params: Any) -> list[dict[str, Any]]:
+def scroll_all(client: TestClient, size: int, **params: Any) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     cursor = None
     while True:
@@ -73,7 +74,7 @@ def scroll_all(client: Any, size: int, **params: Any) -> list[dict[str, Any]]:
             return items
 
 
-def test_scrolling_returns_every_invoice_once_in_page_order(client: Any) -> None:
+def test_scrolling_returns_every_invoice_once_in_page_order(client: TestClient) -> None:
     for _ in range(12):
         create(client)
     total = client.get("/invoices").json()["total"]
@@ -87,14 +88,14 @@ def test_scrolling_returns_every_invoice_once_in_page_order(client: Any) -> None
 
 
 @pytest.mark.parametrize("status", list(InvoiceStatus))
-def test_scrolling_with_a_filter_returns_only_that_status(client: Any, status: str) -> None:
+def test_scrolling_with_a_filter_returns_only_that_status(client: TestClient, status: str) -> None:
     items = scroll_all(client, size=3, invoiceStatus=status)
 
     assert len(items) == counted_by_scan()[status]
     assert {item["invoiceStatus"] for item in items} <= {status}
 
 
-def test_scroll_envelope_has_total_and_next_cursor(client: Any) -> None:
+def test_scroll_envelope_has_total_and_next_cursor(client: TestClient) -> None:
     create(client)
     create(client)
 
@@ -109,7 +110,7 @@ def test_scroll_envelope_has_total_and_next_cursor(client: Any) -> None:
 
 
 @pytest.mark.parametrize("cursor", ["garbage", "!!!", "MjAyNnxub3QtYS11dWlk", "a" * 200])
-def test_a_cursor_not_issued_here_is_422(client: Any, cursor: str) -> None:
+def test_a_cursor_not_issued_here_is_422(client: TestClient, cursor: str) -> None:
     response = client.get("/invoices/scroll", params={"cursor": cursor})
 
     assert response.status_code == 422
@@ -123,5 +124,5 @@ def test_a_cursor_not_issued_here_is_422(client: Any, cursor: str) -> None:
 
 
 @pytest.mark.parametrize("size", [0, 101])
-def test_scroll_size_outside_1_to_100_is_422(client: Any, size: int) -> None:
+def test_scroll_size_outside_1_to_100_is_422(client: TestClient, size: int) -> None:
     assert client.get("/invoices/scroll", params={"size": size}).status_code == 422

@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from db import engine
@@ -18,18 +19,18 @@ def statements() -> Iterator[list[str]]:
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement.split(None, 1)[0].upper())
 
-    event.listen(engine, "before_cursor_execute", record)
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
     yield seen
-    event.remove(engine, "before_cursor_execute", record)
+    event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
-def new_invoice(client: Any) -> str:
+def new_invoice(client: TestClient) -> str:
     body = {"jobDescription": "Counted", "amount": 1, "customerId": 1}
     invoice_id: str = client.post("/invoice", json=body).json()["id"]
     return invoice_id
 
 
-def test_read_invoice_is_one_statement(client: Any, statements: list[str]) -> None:
+def test_read_invoice_is_one_statement(client: TestClient, statements: list[str]) -> None:
     invoice_id = new_invoice(client)
     statements.clear()
 
@@ -39,13 +40,15 @@ def test_read_invoice_is_one_statement(client: Any, statements: list[str]) -> No
 
 
 @pytest.mark.parametrize("params", [{}, {"invoiceStatus": "PAID"}, {"page": 2, "size": 3}])
-def test_list_is_two_statements(client: Any, statements: list[str], params: dict[str, Any]) -> None:
+def test_list_is_two_statements(
+    client: TestClient, statements: list[str], params: dict[str, Any]
+) -> None:
     assert client.get("/invoices", params=params).status_code == 200
 
     assert statements == ["SELECT", "SELECT"]
 
 
-def test_scroll_is_two_statements(client: Any, statements: list[str]) -> None:
+def test_scroll_is_two_statements(client: TestClient, statements: list[str]) -> None:
     cursor = client.get("/invoices/scroll", params={"size": 1}).json()["nextCursor"]
     statements.clear()
 
@@ -54,13 +57,15 @@ def test_scroll_is_two_statements(client: Any, statements: list[str]) -> None:
     assert statements == ["SELECT", "SELECT"]
 
 
-def test_create_is_a_lookup_and_an_insert(client: Any, statements: list[str]) -> None:
+def test_create_is_a_lookup_and_an_insert(client: TestClient, statements: list[str]) -> None:
     new_invoice(client)
 
     assert statements == ["SELECT", "INSERT"]
 
 
-def test_pay_is_claim_charge_settle_in_five_statements(client: Any, statements: list[str]) -> None:
+def test_pay_is_claim_charge_settle_in_five_statements(
+    client: TestClient, statements: list[str]
+) -> None:
     invoice_id = new_invoice(client)
     statements.clear()
 

@@ -1,0 +1,79 @@
+"""What the OpenAPI document says beyond the routes: description, tags, examples, error tables.
+
+Kept apart from `main.py` so the routes read without scrolling past it. Every example works in
+Swagger UI's Try it out against the seeded database.
+"""
+
+from typing import Any
+
+from fastapi.openapi.models import Example
+
+from models import ErrorDetail
+
+TITLE = "Invoice API"
+SUMMARY = "Create invoices, pay them by card through FakePay, and list them page by page."
+DESCRIPTION = """
+Invoices for customers, paid by card through the FakePay provider.
+
+* Field names are camelCase; `amount` is an exact decimal with at most two places.
+* Card numbers are only ever shown masked (`123456********5678`).
+* Every error body is `{"detail": ...}` with a message that says what to do.
+
+Seeded data to try: customers 1-5; PENDING invoices `6f53c715-0369-11f0-8d97-7c646cb7c0bc`
+and `6f53c7be-0369-11f0-8d97-7c646cb7c0bc`; CANCELLED `a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc`.
+"""
+TAGS = [
+    {"name": "invoices", "description": "Create, pay, read and list invoices."},
+    {"name": "health", "description": "Is the service able to reach its database?"},
+]
+
+Responses = dict[int | str, dict[str, Any]]
+
+
+def error(description: str) -> dict[str, Any]:
+    return {"model": ErrorDetail, "description": description}
+
+
+DATABASE_DOWN: Responses = {503: error("The database is unavailable or did not answer in time")}
+BAD_BODY: Responses = {
+    400: error("The body could not be read (it is not UTF-8 text)"),
+    413: error("The body is larger than 64 KiB"),
+}
+PAYMENT_FAILURES: Responses = {
+    402: error("FakePay declined the card; the invoice stays PENDING"),
+    502: error("FakePay unreachable or failing; the invoice stays PENDING"),
+    503: error("The database is unavailable, or too many payments are in flight"),
+    504: error("FakePay did not reply in time; outcome unknown, the invoice stays PENDING"),
+}
+
+SEEDED_PENDING_ID = "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
+READ_EXAMPLES: dict[str, Example] = {
+    "the challenge's CANCELLED invoice": {"value": "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"},
+    "a seeded PENDING invoice": {"value": SEEDED_PENDING_ID},
+}
+PAY_ID_EXAMPLES: dict[str, Example] = {"seeded PENDING invoice": {"value": SEEDED_PENDING_ID}}
+CREATE_EXAMPLES: dict[str, Example] = {
+    "without card": {
+        "summary": "A PENDING invoice",
+        "value": {
+            "jobDescription": "Software Development and Testing",
+            "amount": 199.99,
+            "customerId": 2,
+        },
+    },
+    "with card": {
+        "summary": "An invoice paid at once",
+        "value": {
+            "jobDescription": "Software License Fee",
+            "amount": 99.99,
+            "customerId": 1,
+            "card": {"number": "1234567812345678", "name": "J Doe", "expiry": "01-2040"},
+        },
+    },
+}
+PAY_EXAMPLES: dict[str, Example] = {
+    "Work Card": {
+        "summary": "The challenge's card, spaces and all",
+        "value": {"number": "1234 5656 7822 5678", "expiry": "01-2040", "name": "Work Card"},
+    }
+}

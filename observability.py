@@ -1,0 +1,153 @@
+"""Logging and the request middleware: one log line per request, each tagged with its id.
+
+Card data never reaches a log: tracebacks are printed without variable values, and the only
+card number the app ever formats is the masked one.
+"""
+
+import logging
+import sys
+import time
+import uuid
+
+from loguru import logger
+from starlette import status
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from settings import settings
+
+MAX_BODY_BYTES = 64 * 1024
+INTERNAL_ERROR = {"detail": "Internal server error; the request id is in the X-Request-ID header"}
+
+
+class InterceptHandler(logging.Handler):
+    """Send stdlib records (uvicorn, SQLAlchemy, httpx) through loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def configure_logging() -> None:
+    logger.remove()
+    logger.configure(extra={"request_id": "-"})
+    logger.add(
+        sys.stderr,
+        level=settings.log_level.upper(),
+        serialize=settings.log_json,
+        backtrace=False,
+        diagnose=False,  # tracebacks must never print variable values: they may hold card data
+        format=(
+            "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <7}</level> | "
+            "{extra[request_id]} | {message}"
+        ),
+    )
+    logging.basicConfig(handlers=[InterceptHandler()], level=logging.INFO, force=True)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    # One line per request comes from RequestContextMiddleware instead.
+    logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class RequestContextMiddleware:
+    """Request id, one log line per request, a body size cap, and the last word on errors.
+
+    It is the outermost layer, so every reply carries `X-Request-ID`, including the 500 for an
+    error nothing else caught, and that error is logged with the request's id. A request body
+    (for the methods that carry one) is read up front, as it is at most 64 KiB, so an oversized
+    one is refused with a JSON 413 whether or not it announced its length.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = self._request_id(scope)
+        started = time.perf_counter()
+        status_code = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status_code, response_started
+            if message["type"] == "http.response.start":
+                status_code, response_started = message["status"], True
+                message.setdefault("headers", [])
+                message["headers"].append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        with logger.contextualize(request_id=request_id):
+            try:
+                await self._dispatch(scope, receive, send_with_id)
+            except Exception as error:
+                logger.opt(exception=error).error("unhandled error")
+                if response_started:
+                    raise
+                failure = JSONResponse(INTERNAL_ERROR, status.HTTP_500_INTERNAL_SERVER_ERROR)
+                await failure(scope, receive, send_with_id)
+            finally:
+                logger.info(
+                    "{} {} {} {:.1f} ms",
+                    scope["method"],
+                    scope["path"],
+                    status_code,
+                    (time.perf_counter() - started) * 1000,
+                )
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] in {"GET", "HEAD", "OPTIONS"}:
+            await self.app(scope, receive, send)
+        elif (body := await self._read_body(receive)) is None:
+            too_large = JSONResponse(
+                {"detail": f"Request body too large: the limit is {MAX_BODY_BYTES} bytes"},
+                status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+            )
+            await too_large(scope, receive, send)
+        else:
+            await self.app(scope, self._replay(body), send)
+
+    @staticmethod
+    def _request_id(scope: Scope) -> str:
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate: str = value.decode("latin-1")
+                if 0 < len(candidate) <= 64 and candidate.replace("-", "").isalnum():
+                    return candidate
+        return uuid.uuid4().hex
+
+    @staticmethod
+    async def _read_body(receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    @staticmethod
+    def _replay(body: bytes) -> Receive:
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+
+        return receive
