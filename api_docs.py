@@ -6,6 +6,7 @@ Swagger UI's Try it out against the seeded database.
 
 from typing import Any
 
+from fastapi import FastAPI
 from fastapi.openapi.models import Example
 
 from models import ErrorDetail
@@ -42,9 +43,13 @@ BAD_BODY: Responses = {
 PAYMENT_FAILURES: Responses = {
     402: error("FakePay declined the card; the invoice stays PENDING"),
     502: error("FakePay unreachable or failing; the invoice stays PENDING"),
-    503: error("The database is unavailable, or too many payments are in flight"),
+    503: error(
+        "Too many payments in flight, or the database is unavailable; the detail names the "
+        "invoice and says whether the card was charged and what to do"
+    ),
     504: error("FakePay did not reply in time; outcome unknown, the invoice stays PENDING"),
 }
+KEY_IN_USE = "a request with the same Idempotency-Key is still running (Retry-After)"
 
 SEEDED_PENDING_ID = "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
 READ_EXAMPLES: dict[str, Example] = {
@@ -77,3 +82,20 @@ PAY_EXAMPLES: dict[str, Example] = {
         "value": {"number": "1234 5656 7822 5678", "expiry": "01-2040", "name": "Work Card"},
     }
 }
+
+
+def document_validation_errors(app: FastAPI) -> None:
+    """Make the documented 422 body what the API sends: FastAPI's `{"detail": [{"type", "loc",
+    "msg"}]}` without the `input` and `ctx` it would echo (they may hold a card number)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        error = schema.get("components", {}).get("schemas", {}).get("ValidationError")
+        if error is not None:
+            for echoed in ("input", "ctx"):
+                error["properties"].pop(echoed, None)
+            error["additionalProperties"] = False
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -14,11 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from sqlalchemy import Integer, Row, bindparam, func
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import Subquery
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
+from idempotency import IdempotencyKeyInUseError, IdempotentRequest
 from models import (
     Customer,
     Invoice,
@@ -224,8 +226,9 @@ async def scroll(
 
 
 async def create_pending_invoice(
-    session: AsyncSession, request: InvoiceCreate
+    session: AsyncSession, request: InvoiceCreate, idempotency: IdempotentRequest
 ) -> tuple[Invoice, Customer]:
+    """Insert a PENDING invoice, and the request's Idempotency-Key in the same transaction."""
     customer = await session.get(Customer, request.customer_id)
     if customer is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"Customer {request.customer_id} not found")
@@ -237,7 +240,14 @@ async def create_pending_invoice(
         invoice_status=InvoiceStatus.PENDING,
     )
     session.add(invoice)
-    await session.commit()
+    idempotency.reserve(session, invoice.id)
+    try:
+        await session.commit()
+    except IntegrityError as error:
+        if idempotency.taken_by_twin(error):
+            raise IdempotencyKeyInUseError() from None
+        raise
+    idempotency.reserved = idempotency.changed = True
     logger.info(
         "invoice {} created for customer {}: {}", invoice.id, customer.customer_id, invoice.amount
     )

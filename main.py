@@ -1,5 +1,6 @@
 """Invoice API: create invoices, pay them by card through FakePay, list them in pages."""
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -7,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from fastapi_pagination import Page, Params
 from loguru import logger
@@ -18,6 +19,7 @@ from api_docs import (
     BAD_BODY,
     CREATE_EXAMPLES,
     DATABASE_DOWN,
+    KEY_IN_USE,
     PAY_EXAMPLES,
     PAY_ID_EXAMPLES,
     PAYMENT_FAILURES,
@@ -25,6 +27,14 @@ from api_docs import (
     error,
 )
 from db import DATABASE_UNREACHABLE, SessionDep
+from exact_json import ExactJSONRoute
+from idempotency import (
+    IdempotencyDep,
+    IdempotencyError,
+    IdempotencyKeyInUseError,
+    IdempotencyMiddleware,
+    purge_expired_keys_forever,
+)
 from invoices import create_pending_invoice, get_invoice_or_404, list_page, public_invoice, scroll
 from models import (
     Card,
@@ -36,13 +46,16 @@ from models import (
 )
 from observability import RequestContextMiddleware, configure_logging
 from payments import (
+    ChargedAfterSupersededError,
     FakePayClient,
     FakePayDep,
     InvoiceNotFoundError,
     InvoiceNotPayableError,
+    OutcomeNotRecordedError,
     PaymentDeclinedError,
     PaymentError,
     PaymentInProgressError,
+    PaymentNotStartedError,
     ProviderBusyError,
     ProviderTimeoutError,
     ProviderUnavailableError,
@@ -55,12 +68,15 @@ configure_logging()
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-    """One pooled FakePay client per process, handed to requests as lifespan state."""
+    """One pooled FakePay client per process, handed to requests as lifespan state, and the
+    background purge of expired Idempotency-Keys."""
     fakepay = FakePayClient(settings)
+    purge = asyncio.create_task(purge_expired_keys_forever())
     logger.info("invoice API started; FakePay at {}", settings.fakepay_url)
     try:
         yield {"fakepay": fakepay}
     finally:
+        purge.cancel()
         await fakepay.aclose()
 
 
@@ -68,20 +84,38 @@ PAYMENT_ERROR_STATUS: dict[type[PaymentError], int] = {
     InvoiceNotFoundError: status.HTTP_404_NOT_FOUND,
     InvoiceNotPayableError: status.HTTP_409_CONFLICT,
     PaymentInProgressError: status.HTTP_409_CONFLICT,
+    ChargedAfterSupersededError: status.HTTP_409_CONFLICT,
     PaymentDeclinedError: status.HTTP_402_PAYMENT_REQUIRED,
     ProviderUnavailableError: status.HTTP_502_BAD_GATEWAY,
     ProviderBusyError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    PaymentNotStartedError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    OutcomeNotRecordedError: status.HTTP_503_SERVICE_UNAVAILABLE,
     ProviderTimeoutError: status.HTTP_504_GATEWAY_TIMEOUT,
+}
+RETRY_AFTER_S: dict[type[Exception], str] = {
+    ProviderBusyError: "1",
+    PaymentNotStartedError: "5",
+    IdempotencyKeyInUseError: "1",
 }
 
 
 async def payment_error_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, PaymentError)
     code = PAYMENT_ERROR_STATUS[type(error)]
-    headers = {"Retry-After": "1"} if isinstance(error, ProviderBusyError) else None
     if code >= 500:
         logger.warning("payment failed with {}: {}", code, error.message)
-    return JSONResponse({"detail": error.message}, status_code=code, headers=headers)
+    return error_reply(code, error.message, error)
+
+
+async def idempotency_error_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, IdempotencyError)
+    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
+
+
+def error_reply(code: int, detail: str, error: Exception) -> JSONResponse:
+    retry_after = RETRY_AFTER_S.get(type(error))
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
 
 
 async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
@@ -112,6 +146,7 @@ def add_exception_handlers(app: FastAPI) -> None:
     expects becomes a 500 in `RequestContextMiddleware`, which logs it with the request id.
     """
     app.add_exception_handler(PaymentError, payment_error_handler)
+    app.add_exception_handler(IdempotencyError, idempotency_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     for unreachable in DATABASE_UNREACHABLE:
         app.add_exception_handler(unreachable, database_unavailable_handler)
@@ -127,8 +162,11 @@ app = FastAPIOffline(
     openapi_tags=api_docs.TAGS,
     lifespan=lifespan,
 )
-app.add_middleware(RequestContextMiddleware)
+app.router.route_class = ExactJSONRoute
+app.add_middleware(IdempotencyMiddleware)
+app.add_middleware(RequestContextMiddleware)  # the outermost: every reply gets its request id
 add_exception_handlers(app)
+api_docs.document_validation_errors(app)
 
 
 async def page_params(
@@ -182,6 +220,7 @@ async def read_invoice(
     status_code=status.HTTP_201_CREATED,
     responses={
         404: error("No customer has this id; nothing was written"),
+        409: error(f"Not run: {KEY_IN_USE}"),
         **BAD_BODY,
         **PAYMENT_FAILURES,
     },
@@ -190,16 +229,22 @@ async def create_invoice(
     request: Annotated[InvoiceCreate, Body(openapi_examples=CREATE_EXAMPLES)],
     session: SessionDep,
     fakepay: FakePayDep,
-) -> InvoicePublic:
+    idempotency: IdempotencyDep,
+) -> InvoicePublic | Response:
     """Create a PENDING invoice; with a card, also pay it at once.
 
     The invoice is committed before the card is charged, so a failed payment leaves it
     PENDING, and the error names its id for a later `POST /invoice/pay/{invoice_id}`.
+    Send an `Idempotency-Key` to make retrying safe: a retry gets the first reply again.
     """
-    invoice, customer = await create_pending_invoice(session, request)
+    if replay := await idempotency.replay(session, request):
+        return replay
+    invoice, customer = await create_pending_invoice(session, request, idempotency)
     if request.card is None:
         return public_invoice(invoice, customer)
-    paid, customer, card = await pay_invoice(session, fakepay, invoice.id, request.card)
+    paid, customer, card = await pay_invoice(
+        session, fakepay, invoice.id, request.card, idempotency
+    )
     return public_invoice(paid, customer, card)
 
 
@@ -211,7 +256,7 @@ async def create_invoice(
     status_code=status.HTTP_201_CREATED,
     responses={
         404: error("No invoice has this id"),
-        409: error("The invoice is not PENDING, or a payment for it is in progress"),
+        409: error(f"The invoice is not PENDING, a payment for it is in progress, or {KEY_IN_USE}"),
         **BAD_BODY,
         **PAYMENT_FAILURES,
     },
@@ -221,14 +266,17 @@ async def pay_pending_invoice(
     card: Annotated[Card, Body(openapi_examples=PAY_EXAMPLES)],
     session: SessionDep,
     fakepay: FakePayDep,
-) -> InvoicePublic:
+    idempotency: IdempotencyDep,
+) -> InvoicePublic | Response:
     """Pay a PENDING invoice by card; FakePay's transactionId is the invoice id.
 
     Try it with the seeded PENDING invoice `6f53c715-0369-11f0-8d97-7c646cb7c0bc` (once: it
     is PAID afterwards, and paying again answers 409; `make db-reset` restores it), or with
     the id of an invoice you created without a card.
     """
-    paid, customer, masked = await pay_invoice(session, fakepay, str(invoice_id), card)
+    if replay := await idempotency.replay(session, card):
+        return replay
+    paid, customer, masked = await pay_invoice(session, fakepay, str(invoice_id), card, idempotency)
     return public_invoice(paid, customer, masked)
 
 

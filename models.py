@@ -9,6 +9,7 @@ import base64
 import random
 import re
 import secrets
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -18,14 +19,16 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, SecretStr, field_serializer, field_validator
 from pydantic import Field as PydanticField
 from pydantic.alias_generators import to_camel
-from sqlalchemy import CHAR, DECIMAL, BigInteger, String, text
-from sqlalchemy.dialects.mysql import DATETIME, TINYINT
+from sqlalchemy import CHAR, DECIMAL, BigInteger, SmallInteger, String, Text, text
+from sqlalchemy.dialects.mysql import DATETIME, TINYINT, VARCHAR
 from sqlmodel import Field, SQLModel
 
 CARD_NUMBER_SEPARATORS = re.compile(r"[ -]")
 CARD_NUMBER = re.compile(r"[0-9]{16}")
 CARD_EXPIRY = re.compile(r"(0[1-9]|1[0-2])-([0-9]{4})")
 CARD_NAME = re.compile(r"[A-Za-z ]+")
+# Whitespace, control and format characters (zero-width space, joiners, BOM): nothing to read.
+INVISIBLE_CATEGORIES = {"Zs", "Zl", "Zp", "Cc", "Cf"}
 
 
 class InvoiceStatus(StrEnum):
@@ -41,6 +44,7 @@ class PaymentStatus(StrEnum):
     FAILED = "FAILED"  # provider unreachable or answered another status
     UNKNOWN = "UNKNOWN"  # request sent, no reply in time: it may have been charged
     ABANDONED = "ABANDONED"  # left PROCESSING by a crash, superseded by a later attempt
+    REFUND_DUE = "REFUND_DUE"  # charged after being superseded: a second charge to refund
 
 
 def mask_card_number(number: str) -> str:
@@ -70,6 +74,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return datetime.fromisoformat(created_at), str(uuid.UUID(invoice_id))
 
 
+def is_invisible(character: str) -> bool:
+    return unicodedata.category(character) in INVISIBLE_CATEGORIES
+
+
 def require_utf8(value: str) -> str:
     """Reject lone surrogates, which JSON allows but MySQL's utf8mb4 cannot store."""
     try:
@@ -81,6 +89,11 @@ def require_utf8(value: str) -> str:
 
 def timestamp_column() -> Any:
     return DATETIME(fsp=6)
+
+
+def ascii_column(length: int) -> Any:
+    """Case-sensitive ASCII text: keys compare byte for byte."""
+    return VARCHAR(length, charset="ascii", collation="ascii_bin")
 
 
 # Shared configuration of every API schema: camelCase on the wire, snake_case in Python.
@@ -102,7 +115,10 @@ class InvoiceBase(CamelModel):
     job_description: str = Field(min_length=1, max_length=255)
     # 12 digits with 2 after the point caps it at 9999999999.99, as DECIMAL(12,2) does.
     amount: Decimal = Field(max_digits=12, decimal_places=2, gt=0, sa_type=DECIMAL(12, 2))
-    customer_id: int = Field(ge=1, le=2_147_483_647, foreign_key="customer.customer_id")
+    # Strict: a JSON integer, not `true` or the string "1_0" that lax parsing would take.
+    customer_id: int = Field(
+        ge=1, le=2_147_483_647, foreign_key="customer.customer_id", schema_extra={"strict": True}
+    )
 
 
 # The invoice table: adds the server-owned id, status and timestamps.
@@ -156,6 +172,25 @@ class Payment(SQLModel, table=True):
             "server_default": text("CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)")
         },
     )
+
+
+# The first reply to a request sent with an Idempotency-Key, replayed to the request's retries.
+class IdempotencyRecord(SQLModel, table=True):
+    __tablename__ = "idempotency_key"
+
+    owner: str = Field(default="", primary_key=True, max_length=64, sa_type=ascii_column(64))
+    idempotency_key: str = Field(primary_key=True, max_length=255, sa_type=ascii_column(255))
+    fingerprint: str = Field(max_length=64, sa_type=CHAR(64))
+    invoice_id: str = Field(max_length=36, sa_type=CHAR(36))
+    response_status: int | None = Field(default=None, sa_type=SmallInteger)
+    response_body: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime | None = Field(
+        default=None,
+        nullable=False,
+        sa_type=timestamp_column(),
+        sa_column_kwargs={"server_default": text("CURRENT_TIMESTAMP(6)")},
+    )
+    expires_at: datetime = Field(sa_type=timestamp_column())
 
 
 # Exact invoice totals per status in shard rows, kept by triggers on invoice (sql/up.sql).
@@ -214,7 +249,7 @@ class Card(CamelModel):
     @field_validator("name")
     @classmethod
     def check_name(cls, value: str) -> str:
-        name = value.strip()
+        name = value.strip(" ")  # spaces only: a tab or a no-break space is not a letter
         if not 1 <= len(name) <= 50 or not CARD_NAME.fullmatch(name):
             raise ValueError("card name must be 1-50 ASCII letters and spaces")
         return name
@@ -231,10 +266,18 @@ class Card(CamelModel):
 class InvoiceCreate(InvoiceBase):
     card: Card | None = None
 
+    @field_validator("amount", mode="before")
+    @classmethod
+    def no_digit_separators(cls, value: object) -> object:
+        """Lax parsing reads the string "1_000" as 1000, which no client means to send."""
+        if isinstance(value, str) and "_" in value:
+            raise ValueError("amount must be a plain number such as 1000.00, without underscores")
+        return value
+
     @field_validator("job_description")
     @classmethod
     def check_job_description(cls, value: str) -> str:
-        if not value.strip():
+        if all(is_invisible(character) for character in value):
             raise ValueError("job description must not be blank")
         return require_utf8(value)
 

@@ -11,10 +11,14 @@ while the provider is called, and so that one invoice is charged at most once:
 3. settle: record the outcome; on success the invoice turns PAID in the same transaction.
 
 An attempt left PROCESSING by a crash blocks its invoice only until it is older than the
-provider's timeouts plus a margin; the next claim then marks it ABANDONED.
+longest a payment can take (the provider call's deadline plus settle's retries) and a margin;
+the next claim then marks it ABANDONED. Settle only ever changes an attempt that is still
+PROCESSING, so a superseded attempt that the provider charged late is recorded as REFUND_DUE,
+never as a second success.
 """
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -30,10 +34,12 @@ from loguru import logger
 from pydantic import SecretStr, field_serializer
 from sqlalchemy import ColumnElement, literal_column, update
 from sqlalchemy.dialects.mysql import DATETIME
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from db import DATABASE_UNREACHABLE
+from idempotency import IdempotencyKeyInUseError, IdempotentRequest
 from models import (
     CamelModel,
     Card,
@@ -44,9 +50,7 @@ from models import (
     Payment,
     PaymentStatus,
 )
-from settings import Settings
-
-STALE_MARGIN_S = 30
+from settings import SETTLE_RETRY_DELAYS_S, Settings
 
 
 # The card inside the provider request: the one place the full number is serialised.
@@ -129,10 +133,69 @@ class ProviderTimeoutError(PaymentError):
         )
 
 
+class PaymentNotStartedError(PaymentError):
+    """The database failed before the provider was called: nothing was charged."""
+
+    def __init__(self, invoice_id: str) -> None:
+        super().__init__(
+            invoice_id,
+            f"Invoice {invoice_id} was not charged: the database is unavailable. "
+            f"It is still PENDING; pay it with POST /invoice/pay/{invoice_id} shortly",
+        )
+
+
+class OutcomeNotRecordedError(PaymentError):
+    """The provider answered but the database would not take the answer."""
+
+    def __init__(self, invoice_id: str, status: PaymentStatus) -> None:
+        charged = {
+            PaymentStatus.SUCCEEDED: "the card was charged",
+            PaymentStatus.UNKNOWN: "the card may have been charged",
+        }.get(status, "the card was not charged")
+        super().__init__(
+            invoice_id,
+            f"Payment for invoice {invoice_id} could not be recorded (the database is "
+            f"unavailable), but {charged}. Do not pay it again: read it with "
+            f"GET /invoice/{invoice_id} once the service is back, or retry with the same "
+            "Idempotency-Key",
+        )
+
+
+class ChargedAfterSupersededError(PaymentError):
+    """A stalled attempt that the provider charged after a later attempt had replaced it."""
+
+    def __init__(self, invoice_id: str) -> None:
+        super().__init__(
+            invoice_id,
+            f"This payment for invoice {invoice_id} was charged after it had been replaced by "
+            "a later attempt; the charge is recorded as REFUND_DUE to be refunded. Read the "
+            f"invoice with GET /invoice/{invoice_id}",
+        )
+
+
 @dataclass(frozen=True)
 class ChargeResult:
     status: PaymentStatus
     reason: str | None = None
+    sent: bool = True  # False: the request never reached the provider, nothing was charged
+
+
+def outcome_of(status_code: int, body: bytes) -> ChargeResult:
+    """A provider reply as a payment outcome: 200 is paid whatever the body (contract)."""
+    if status_code == httpx.codes.OK:
+        return ChargeResult(PaymentStatus.SUCCEEDED)
+    if status_code == httpx.codes.BAD_REQUEST:
+        return ChargeResult(PaymentStatus.DECLINED, declined_reason(body))
+    return ChargeResult(PaymentStatus.FAILED, f"FakePay answered HTTP {status_code}")
+
+
+def declined_reason(body: bytes) -> str:
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        reply = None
+    reason = reply.get("reason") if isinstance(reply, dict) else None
+    return str(reason)[:255] if reason else "no reason given"
 
 
 class FakePayClient:
@@ -148,9 +211,7 @@ class FakePayClient:
         self.url = config.fakepay_url
         self.read_timeout = config.fakepay_timeout
         self.deadline = config.fakepay_deadline
-        self.stale_after_s = math.ceil(
-            config.fakepay_connect_timeout + config.fakepay_timeout + STALE_MARGIN_S
-        )
+        self.stale_after_s = math.ceil(config.payment_stale_after_s)
         self._slots = anyio.CapacityLimiter(config.fakepay_max_concurrency)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(config.fakepay_timeout, connect=config.fakepay_connect_timeout),
@@ -173,40 +234,37 @@ class FakePayClient:
             self._slots.release()
 
     async def charge(self, request: FakePayRequest) -> ChargeResult:
+        """Post the request; every way the call can end becomes a `ChargeResult`.
+
+        Once the status line has arrived it decides the outcome, even if the body then
+        fails to arrive or to decode: a 200 is a payment whatever follows it.
+        """
         body = request.model_dump(mode="json", by_alias=True)
+        status_code: int | None = None
         try:
-            async with asyncio.timeout(self.deadline):
-                response = await self._http.post(self.url, json=body)
-        except TimeoutError:
-            return ChargeResult(
-                PaymentStatus.UNKNOWN,
-                f"FakePay did not finish its reply within {self.deadline:g} s",
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout):
-            return ChargeResult(PaymentStatus.FAILED, "FakePay could not be reached")
-        except httpx.TimeoutException:
-            return ChargeResult(
-                PaymentStatus.UNKNOWN, f"FakePay did not reply within {self.read_timeout:g} s"
-            )
-        except httpx.TransportError as exc:
-            # The request may have arrived before the connection broke.
-            return ChargeResult(
-                PaymentStatus.UNKNOWN, f"the connection to FakePay broke ({type(exc).__name__})"
-            )
-        if response.status_code == httpx.codes.OK:
-            return ChargeResult(PaymentStatus.SUCCEEDED)
-        if response.status_code == httpx.codes.BAD_REQUEST:
-            return ChargeResult(PaymentStatus.DECLINED, declined_reason(response))
-        return ChargeResult(PaymentStatus.FAILED, f"FakePay answered HTTP {response.status_code}")
+            async with (
+                asyncio.timeout(self.deadline),
+                self._http.stream("POST", self.url, json=body) as response,
+            ):
+                status_code = response.status_code
+                return outcome_of(status_code, await response.aread())
+        except (TimeoutError, httpx.HTTPError) as error:
+            if status_code is not None:
+                return outcome_of(status_code, b"")
+            return self._failure(error)
 
-
-def declined_reason(response: httpx.Response) -> str:
-    try:
-        reply = response.json()
-    except ValueError:
-        reply = None
-    reason = reply.get("reason") if isinstance(reply, dict) else None
-    return str(reason)[:255] if reason else "no reason given"
+    def _failure(self, error: Exception) -> ChargeResult:
+        if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+            return ChargeResult(PaymentStatus.FAILED, "FakePay could not be reached", sent=False)
+        if isinstance(error, TimeoutError):
+            reason = f"FakePay did not finish its reply within {self.deadline:g} s"
+            return ChargeResult(PaymentStatus.UNKNOWN, reason)
+        if isinstance(error, httpx.TimeoutException):
+            reason = f"FakePay did not reply within {self.read_timeout:g} s"
+            return ChargeResult(PaymentStatus.UNKNOWN, reason)
+        # The request may have arrived before the connection broke.
+        reason = f"the connection to FakePay broke ({type(error).__name__})"
+        return ChargeResult(PaymentStatus.UNKNOWN, reason)
 
 
 async def get_fakepay(request: Request) -> FakePayClient:
@@ -225,51 +283,71 @@ class ClaimedInvoice:
 
 
 async def claim(
-    session: AsyncSession, invoice_id: str, masked: MaskedCard, stale_after_s: int
+    session: AsyncSession,
+    invoice_id: str,
+    masked: MaskedCard,
+    stale_after_s: int,
+    idempotency: IdempotentRequest,
 ) -> ClaimedInvoice:
-    async with session.begin():
-        result = await session.exec(
-            select(Invoice, Customer)
-            .join(Customer, col(Customer.customer_id) == col(Invoice.customer_id))
-            .where(Invoice.id == invoice_id)
-            .with_for_update()
-        )
-        row = result.first()
-        if row is None:
-            raise InvoiceNotFoundError(invoice_id)
-        invoice, customer = row
-        if invoice.invoice_status != InvoiceStatus.PENDING:
-            raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
-        attempts = await session.exec(
-            select(Payment.id, col(Payment.created_at) < stale_cutoff(stale_after_s)).where(
-                Payment.invoice_id == invoice_id,
-                Payment.payment_status == PaymentStatus.PROCESSING,
+    """Lock the invoice row (its customer is only read), check it can be paid, record a
+    PROCESSING attempt, and reserve the request's Idempotency-Key with it."""
+    try:
+        async with session.begin():
+            locked = await session.exec(
+                select(Invoice).where(Invoice.id == invoice_id).with_for_update()
             )
-        )
-        in_flight = attempts.all()
-        if any(not stale for _, stale in in_flight):
-            raise PaymentInProgressError(invoice_id)
-        if in_flight:
-            await session.exec(
-                update(Payment)
-                .where(col(Payment.id).in_([payment_id for payment_id, _ in in_flight]))
-                .values(payment_status=PaymentStatus.ABANDONED, reason="superseded after a stall")
+            invoice = locked.first()
+            if invoice is None:
+                raise InvoiceNotFoundError(invoice_id)
+            if invoice.invoice_status != InvoiceStatus.PENDING:
+                raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
+            await supersede_stalled_attempts(session, invoice_id, stale_after_s)
+            customer = await session.get(Customer, invoice.customer_id)
+            assert customer is not None  # a foreign key guarantees it
+            payment = Payment(
+                invoice_id=invoice_id,
+                card_number=masked.number,
+                card_name=masked.name,
+                card_expiry=masked.expiry,
             )
-            logger.warning("invoice {} had a stalled payment attempt; marked ABANDONED", invoice_id)
-        payment = Payment(
-            invoice_id=invoice_id,
-            card_number=masked.number,
-            card_name=masked.name,
-            card_expiry=masked.expiry,
-        )
-        session.add(payment)
-        await session.flush()
-        assert payment.id is not None
-        claimed = ClaimedInvoice(invoice, customer, payment.id)
+            session.add(payment)
+            idempotency.reserve(session, invoice_id)
+            await session.flush()
+            assert payment.id is not None
+            claimed = ClaimedInvoice(invoice, customer, payment.id)
+    except IntegrityError as error:
+        if idempotency.taken_by_twin(error):
+            raise IdempotencyKeyInUseError() from None
+        raise
+    except DATABASE_UNREACHABLE:
+        raise PaymentNotStartedError(invoice_id) from None
+    idempotency.reserved = True
     # A snapshot from here on: a failed settle's rollback must not expire these objects and
     # send their next attribute read to a database that may be down.
     session.expunge_all()
     return claimed
+
+
+async def supersede_stalled_attempts(
+    session: AsyncSession, invoice_id: str, stale_after_s: int
+) -> None:
+    """409 while an attempt is in flight; one older than `stale_after_s` is ABANDONED."""
+    attempts = await session.exec(
+        select(Payment.id, col(Payment.created_at) < stale_cutoff(stale_after_s)).where(
+            Payment.invoice_id == invoice_id,
+            Payment.payment_status == PaymentStatus.PROCESSING,
+        )
+    )
+    in_flight = attempts.all()
+    if any(not stale for _, stale in in_flight):
+        raise PaymentInProgressError(invoice_id)
+    if in_flight:
+        await session.exec(
+            update(Payment)
+            .where(col(Payment.id).in_([payment_id for payment_id, _ in in_flight]))
+            .values(payment_status=PaymentStatus.ABANDONED, reason="superseded after a stall")
+        )
+        logger.warning("invoice {} had a stalled payment attempt; marked ABANDONED", invoice_id)
 
 
 def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
@@ -277,66 +355,93 @@ def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
     return literal_column(f"NOW(6) - INTERVAL {int(seconds)} SECOND", type_=DATETIME(fsp=6))
 
 
-SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
+STILL_PROCESSING = col(Payment.payment_status) == PaymentStatus.PROCESSING
 
 
-async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult) -> None:
-    """Record the outcome, retrying through a short database outage: once the provider has
-    answered, losing that answer would leave a charged invoice PENDING. Both updates set
-    absolute values, so a retry is harmless. A success takes the invoice row first, the lock
-    every claim takes first too, so a settle and a claim never deadlock on the payment index.
+async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult) -> bool:
+    """Record the outcome on the attempt if it is still PROCESSING; whether it was.
+
+    Retries through a short database outage: once the provider has answered, losing that
+    answer would leave a charged invoice PENDING. Each try is one transaction of absolute
+    values, so a retry is harmless. A success takes the invoice row first, the lock every
+    claim takes first too, so a settle and a claim never deadlock.
     """
+    invoice_id, payment_id = claimed.invoice.id, claimed.payment_id
+    this_attempt = col(Payment.id) == payment_id
     for delay in (*SETTLE_RETRY_DELAYS_S, None):
         try:
             async with session.begin():
                 if result.status == PaymentStatus.SUCCEEDED:
                     await session.exec(
                         update(Invoice)
-                        .where(col(Invoice.id) == claimed.invoice.id)
+                        .where(col(Invoice.id) == invoice_id)
+                        .where(select(Payment.id).where(this_attempt, STILL_PROCESSING).exists())
                         .values(invoice_status=InvoiceStatus.PAID)
+                        .execution_options(synchronize_session=False)
                     )
-                await session.exec(
+                recorded = await session.exec(
                     update(Payment)
-                    .where(col(Payment.id) == claimed.payment_id)
+                    .where(this_attempt, STILL_PROCESSING)
                     .values(payment_status=result.status, reason=result.reason)
+                    .execution_options(synchronize_session=False)
                 )
+                if recorded.rowcount == 0 and result.status == PaymentStatus.SUCCEEDED:
+                    await record_late_charge(session, claimed)
         except DATABASE_UNREACHABLE:
             if delay is None:
                 logger.error(
                     "payment outcome {} of invoice {} not recorded: database unreachable",
                     result.status,
-                    claimed.invoice.id,
+                    invoice_id,
                 )
-                raise
-            logger.warning("recording payment of invoice {} failed; retrying", claimed.invoice.id)
+                raise OutcomeNotRecordedError(invoice_id, result.status) from None
+            logger.warning("recording payment of invoice {} failed; retrying", invoice_id)
             await asyncio.sleep(delay)
         else:
-            if result.status == PaymentStatus.SUCCEEDED:
+            if recorded.rowcount and result.status == PaymentStatus.SUCCEEDED:
                 claimed.invoice.invoice_status = InvoiceStatus.PAID
-            return
+            return bool(recorded.rowcount)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def record_late_charge(session: AsyncSession, claimed: ClaimedInvoice) -> None:
+    """The provider charged an attempt that a later one had already superseded."""
+    await session.exec(
+        update(Payment)
+        .where(col(Payment.id) == claimed.payment_id)
+        .values(
+            payment_status=PaymentStatus.REFUND_DUE,
+            reason="charged after this attempt had been superseded: refund it",
+        )
+    )
+    logger.error(
+        "invoice {}: attempt {} was charged after it had been superseded; "
+        "this charge must be refunded",
+        claimed.invoice.id,
+        claimed.payment_id,
+    )
 
 
 async def pay_invoice(
-    session: AsyncSession, fakepay: FakePayClient, invoice_id: str, card: Card
+    session: AsyncSession,
+    fakepay: FakePayClient,
+    invoice_id: str,
+    card: Card,
+    idempotency: IdempotentRequest,
 ) -> tuple[Invoice, Customer, MaskedCard]:
     """Charge `card` for a PENDING invoice once; raise a `PaymentError` for every other end."""
     masked = card.masked()
-    claimed = await claim(session, invoice_id, masked, fakepay.stale_after_s)
+    claimed = await claim(session, invoice_id, masked, fakepay.stale_after_s, idempotency)
     with fakepay.slot() as acquired:
         if not acquired:
-            await settle(
-                session, claimed, ChargeResult(PaymentStatus.FAILED, "too many payments in flight")
-            )
+            busy = ChargeResult(PaymentStatus.FAILED, "too many payments in flight", sent=False)
+            await settle(session, claimed, busy)
             raise ProviderBusyError(invoice_id)
         logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
         started = time.perf_counter()
-        result = await fakepay.charge(
-            FakePayRequest(
-                transaction_id=invoice_id,
-                card=FakePayCard(number=card.number, expiry=card.expiry, name=card.name),
-            )
-        )
+        result = await charge_once(fakepay, invoice_id, card)
         elapsed_ms = (time.perf_counter() - started) * 1000
+    idempotency.changed = idempotency.changed or result.sent
     logger.info(
         "payment outcome: invoice {} {} ({}) in {:.0f} ms",
         invoice_id,
@@ -344,7 +449,8 @@ async def pay_invoice(
         result.reason or "ok",
         elapsed_ms,
     )
-    await settle(session, claimed, result)
+    if not await settle(session, claimed, result) and result.status == PaymentStatus.SUCCEEDED:
+        raise ChargedAfterSupersededError(invoice_id)
     if result.status == PaymentStatus.SUCCEEDED:
         return claimed.invoice, claimed.customer, masked
     reason = result.reason or "unknown"
@@ -353,3 +459,17 @@ async def pay_invoice(
     if result.status == PaymentStatus.UNKNOWN:
         raise ProviderTimeoutError(invoice_id, reason)
     raise ProviderUnavailableError(invoice_id, reason)
+
+
+async def charge_once(fakepay: FakePayClient, invoice_id: str, card: Card) -> ChargeResult:
+    """The provider call, which never raises: an error nobody foresaw still ends the attempt,
+    as UNKNOWN, since the request may have reached the provider."""
+    request = FakePayRequest(
+        transaction_id=invoice_id,
+        card=FakePayCard(number=card.number, expiry=card.expiry, name=card.name),
+    )
+    try:
+        return await fakepay.charge(request)
+    except Exception as error:
+        logger.opt(exception=error).error("payment of invoice {} failed unexpectedly", invoice_id)
+        return ChargeResult(PaymentStatus.UNKNOWN, f"unexpected error ({type(error).__name__})")

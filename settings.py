@@ -7,6 +7,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import URL
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+# How often, and how long apart, recording a payment's outcome is retried through an outage.
+SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
+STALE_MARGIN_S = 30
 
 
 class Settings(BaseSettings):
@@ -41,6 +44,10 @@ class Settings(BaseSettings):
         default=8, ge=1, description="provider calls in flight per process; more answer 503"
     )
 
+    idempotency_ttl_hours: int = Field(
+        default=24, ge=1, description="hours an Idempotency-Key and its reply are kept"
+    )
+
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -56,6 +63,16 @@ class Settings(BaseSettings):
     @property
     def db_name(self) -> str:
         return self.db_url.split("/", 1)[1]
+
+    @property
+    def payment_stale_after_s(self) -> float:
+        """The longest one payment can take, plus a margin: the provider call's deadline, then
+        every try at recording its outcome waiting its full time for a connection and three
+        replies. A payment attempt (or an Idempotency-Key) still unfinished after this long
+        belongs to a request that is gone."""
+        per_try = self.db_pool_timeout + self.db_connect_timeout + 3 * self.db_read_timeout
+        settle = sum(SETTLE_RETRY_DELAYS_S) + (len(SETTLE_RETRY_DELAYS_S) + 1) * per_try
+        return self.fakepay_deadline + settle + STALE_MARGIN_S
 
     def database_url(self, driver: str = "aiomysql") -> URL:
         """The SQLAlchemy URL of DB_URL: aiomysql for the app, pymysql for sync tools."""

@@ -13,6 +13,7 @@ uvloop and httptools):
 
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, HTTPException
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -116,3 +117,39 @@ async def list_invoices_async(
     async with async_engine.connect() as connection:
         count = int((await connection.execute(total, params)).scalar_one())
         return envelope((await connection.execute(rows, params)).all(), count, page, size)
+
+
+# The pay flow with the app's durable steps and nothing else: claim (the invoice row locked, no
+# attempt in flight, a PROCESSING attempt recorded), the FakePay call with no transaction
+# open, settle (invoice PAID, attempt SUCCEEDED), then the invoice read back.
+LOCK = text("SELECT invoice_status FROM invoice WHERE id = :id FOR UPDATE")
+IN_FLIGHT = text(
+    "SELECT 1 FROM payment WHERE invoice_id = :id AND payment_status = 'PROCESSING' LIMIT 1"
+)
+ATTEMPT = text(
+    "INSERT INTO payment (invoice_id, card_number, card_name, card_expiry) "
+    "VALUES (:id, :number, :name, :expiry)"
+)
+PAID = text("UPDATE invoice SET invoice_status = 'PAID' WHERE id = :id")
+SUCCEEDED = text("UPDATE payment SET payment_status = 'SUCCEEDED' WHERE id = :payment_id")
+fakepay = httpx.AsyncClient(timeout=10)
+
+
+@async_app.post("/invoice/pay/{invoice_id}", status_code=201)
+async def pay_invoice_async(invoice_id: str, card: dict[str, str]) -> dict[str, Any]:
+    masked = f"{card['number'][:6]}{'*' * 8}{card['number'][-4:]}"
+    params = {"id": invoice_id, "number": masked, "name": card["name"], "expiry": card["expiry"]}
+    async with async_engine.begin() as connection:
+        status = (await connection.execute(LOCK, params)).scalar_one_or_none()
+        if status != "PENDING" or (await connection.execute(IN_FLIGHT, params)).first():
+            raise HTTPException(409)
+        payment_id = (await connection.execute(ATTEMPT, params)).lastrowid
+    request = {"transactionId": invoice_id, "card": card}
+    reply = await fakepay.post(settings.fakepay_url, json=request)
+    if reply.status_code != 200:
+        raise HTTPException(502)
+    async with async_engine.begin() as connection:
+        await connection.execute(PAID, params)
+        await connection.execute(SUCCEEDED, {"payment_id": payment_id})
+        row = (await connection.execute(READ, params)).one()
+    return as_json(row)

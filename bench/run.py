@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -139,15 +141,22 @@ def post_script(path: str, body: dict[str, Any]) -> str:
 
 
 def measure(
-    wrk: Wrk, targets: dict[str, str], endpoint: str, script: Path, connections: int, rounds: int
+    wrk: Wrk,
+    targets: dict[str, str],
+    endpoint: str,
+    script: Path | Callable[[], Path],
+    connections: int,
+    rounds: int,
 ) -> list[Measurement]:
-    """Median of `rounds` runs per target, alternating which target goes first."""
+    """Median of `rounds` runs per target, alternating which target goes first. A `script`
+    that is a function makes a fresh script for every run (pays need unused invoices)."""
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     names = list(targets)
     for round_number in range(rounds):
         order = names if round_number % 2 == 0 else names[::-1]
         for name in order:
-            samples[name].append(wrk.run(targets[name], script, connections))
+            run_script = script() if callable(script) else script
+            samples[name].append(wrk.run(targets[name], run_script, connections))
     results = []
     for name, runs in samples.items():
         results.append(
@@ -162,6 +171,35 @@ def measure(
             )
         )
     return results
+
+
+PAYS_PER_RUN = 6000
+
+
+def pending_invoices(config: Settings, count: int) -> list[str]:
+    """`count` new PENDING invoices of one customer, for pays to go through."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    with admin_connection(config, config.db_name) as connection, connection.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO invoice (id, customer_id, job_description, amount) "
+            "VALUES (%s, 5, 'Bench pay', 9.99)",
+            [(invoice_id,) for invoice_id in ids],
+        )
+    return ids
+
+
+def pay_script(ids: list[str]) -> str:
+    """Each wrk thread pays its own share of `ids`, each invoice once."""
+    quoted = ",".join(f'"{invoice_id}"' for invoice_id in ids)
+    return (
+        f"local ids = {{{quoted}}}\nlocal threads = 0\nlocal i = 0\n"
+        'function setup(thread)\n  thread:set("slot", threads)\n  threads = threads + 1\nend\n'
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{json.dumps(PAY_CARD)}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "request = function()\n  i = i + 1\n"
+        '  return wrk.format(nil, "/invoice/pay/" .. ids[(i - 1) * 2 + slot + 1])\nend\n'
+    )
 
 
 def prepare_database(config: Settings, rows: int, reuse: bool) -> float | None:
@@ -223,6 +261,7 @@ TARGETS = {
     "baseline (sync)": "bench.baselines:sync_app",
 }
 BASELINE = "baseline (async)"
+PAY_FLOW = "POST /invoice/pay/{id} (one customer)"
 
 
 def main() -> None:
@@ -280,7 +319,13 @@ def main() -> None:
                 "card": PAY_CARD,
             }
             direct = wrk.script("fakepay", post_script("/fakepay", fakepay_body))
+            pay_targets = {name: urls[name] for name in ("app", BASELINE)}
+
+            def pays() -> Path:
+                return wrk.script("pays", pay_script(pending_invoices(config, PAYS_PER_RUN)))
+
             for connections in (1, 8):
+                measurements += measure(wrk, pay_targets, PAY_FLOW, pays, connections, args.rounds)
                 measurements += measure(
                     wrk, {"app": app_url}, "POST /invoice with card", pay, connections, args.rounds
                 )
@@ -367,6 +412,8 @@ def report(
         "list page 1 vs async baseline, c=32": versus("app", listing, 32),
         "sync baseline vs async baseline, read c=32": versus("baseline (sync)", read, 32),
         "read, 2 workers vs 1-worker async baseline, c=32": versus("app, 2 workers", read, 32),
+        "pay flow vs minimal async, c=1": versus("app", PAY_FLOW, 1),
+        "pay flow vs minimal async, c=8": versus("app", PAY_FLOW, 8),
         "pay flow vs FakePay alone, c=8": find(
             measurements, "app", "POST /invoice with card", 8
         ).req_per_s

@@ -37,7 +37,7 @@ ERROR_LOG = DATA / "mysql.err"
 FAKEPAY_PID_FILE = DATA / "fakepay.pid"
 FAKEPAY_LOG = DATA / "fakepay.log"
 READY_TIMEOUT_S = 30
-TABLES = {"customer", "invoice", "payment", "invoice_status_count"}
+TABLES = {"customer", "invoice", "payment", "invoice_status_count", "idempotency_key"}
 
 INSTALL_HINT = """No MySQL-compatible server is installed and none answers at {address}.
 Install one, then run `make db-up` again:

@@ -39,8 +39,25 @@ CREATE TABLE payment (
     PRIMARY KEY (id),
     CONSTRAINT fk_payment_invoice FOREIGN KEY (invoice_id) REFERENCES invoice (id),
     CONSTRAINT ck_payment_status CHECK (
-        payment_status IN ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', 'ABANDONED')),
+        payment_status IN
+            ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', 'ABANDONED', 'REFUND_DUE')),
     INDEX ix_payment_invoice_status (invoice_id, payment_status)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+
+-- Idempotency-Key: the first reply to a request, replayed to its retries. A row is written in
+-- the same transaction as the first change its request makes (an invoice created, a payment
+-- attempt recorded); `response_status` stays NULL until that request has answered.
+CREATE TABLE idempotency_key (
+    owner           VARCHAR(64)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
+    idempotency_key VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    fingerprint     CHAR(64)     NOT NULL,
+    invoice_id      CHAR(36)     NOT NULL,
+    response_status SMALLINT     NULL,
+    response_body   TEXT         NULL,
+    created_at      DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    expires_at      DATETIME(6)  NOT NULL,
+    PRIMARY KEY (owner, idempotency_key),
+    INDEX ix_idempotency_key_expires (expires_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 
 -- Exact invoice totals per status for GET /invoices without COUNT(*) over millions of rows.

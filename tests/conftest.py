@@ -1,8 +1,9 @@
 """The test stack: a fresh database of its own, the real fake_pay.py, the app in process and
 as uvicorn processes. `tests.support` points the settings at it before anything else runs."""
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from scripts.processes import Running, running_app, running_fakepay
 from scripts.schema import apply_script, create_database
 from tests.stand_in import StandInProvider
-from tests.support import FAKEPAY_PORT, FakePayProcess, UseProvider, settings
+from tests.support import FAKEPAY_PORT, FakePayProcess, OverrideFakePay, UseProvider, settings
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -77,25 +78,37 @@ def http(live_server: Running) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def use_provider(client: TestClient) -> Iterator[UseProvider]:
-    """Point the in-process app at another provider URL for one test."""
+def override_fakepay(client: TestClient) -> Iterator[OverrideFakePay]:
+    """Replace the in-process app's FakePay dependency for one test."""
     from main import app
-    from payments import FakePayClient, get_fakepay
+    from payments import get_fakepay
+
+    def override(dependency: Callable[[], Awaitable[Any]]) -> None:
+        app.dependency_overrides[get_fakepay] = dependency
+
+    yield override
+    app.dependency_overrides.pop(get_fakepay, None)
+
+
+@pytest.fixture
+def use_provider(client: TestClient, override_fakepay: OverrideFakePay) -> Iterator[UseProvider]:
+    """Point the in-process app at another provider URL (or another client class) for one
+    test. The client is made on the app's event loop, where it will run."""
+    from payments import FakePayClient
 
     replacements: list[FakePayClient] = []
 
-    def use(url: str) -> None:
+    def use(url: str, client_class: type[FakePayClient] = FakePayClient) -> None:
         config = settings.model_copy(update={"fakepay_url": url})
-        replacement = client.portal.call(FakePayClient, config)  # type: ignore[union-attr]
+        replacement = client.portal.call(client_class, config)  # type: ignore[union-attr]
         replacements.append(replacement)
 
         async def get_replacement() -> FakePayClient:
             return replacement
 
-        app.dependency_overrides[get_fakepay] = get_replacement
+        override_fakepay(get_replacement)
 
     yield use
-    app.dependency_overrides.pop(get_fakepay, None)
     for replacement in replacements:
         client.portal.call(replacement.aclose)  # type: ignore[union-attr]
 

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -16,7 +16,9 @@ class Behaviour:
     status: int = 200
     body: bytes = b'{"message": "Payment processed successfully"}'
     delay_s: float = 0.0
-    trickle_s: float = 0.0  # > 0: send the body one byte at a time, this far apart
+    trickle_s: float = 0.0  # > 0: send the reply one byte at a time, this far apart
+    trickle_head: bool = False  # trickle the status line and headers too, not only the body
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class StandInProvider:
@@ -36,8 +38,13 @@ class StandInProvider:
                     behaviour = provider.behaviour
                 time.sleep(behaviour.delay_s)
                 with suppress(ConnectionError):  # the app may have given up waiting
+                    if behaviour.trickle_head:
+                        self.trickle_whole_reply(behaviour)
+                        return
                     self.send_response(behaviour.status)
                     self.send_header("Content-Type", "application/json")
+                    for name, value in behaviour.headers.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(behaviour.body)))
                     self.end_headers()
                     if behaviour.trickle_s:
@@ -47,6 +54,16 @@ class StandInProvider:
                             time.sleep(behaviour.trickle_s)
                     else:
                         self.wfile.write(behaviour.body)
+
+            def trickle_whole_reply(self, behaviour: Behaviour) -> None:
+                head = (
+                    f"HTTP/1.0 {behaviour.status} OK\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(behaviour.body)}\r\n\r\n"
+                )
+                for byte in head.encode() + behaviour.body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(behaviour.trickle_s)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -62,9 +79,11 @@ class StandInProvider:
         body: bytes | dict[str, Any],
         delay_s: float = 0.0,
         trickle_s: float = 0.0,
+        headers: dict[str, str] | None = None,
+        trickle_head: bool = False,
     ) -> None:
         encoded = json.dumps(body).encode() if isinstance(body, dict) else body
-        self.behaviour = Behaviour(status, encoded, delay_s, trickle_s)
+        self.behaviour = Behaviour(status, encoded, delay_s, trickle_s, trickle_head, headers or {})
 
     def requests_for(self, transaction_id: str) -> list[dict[str, Any]]:
         return [body for body in self.received if body.get("transactionId") == transaction_id]

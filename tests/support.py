@@ -7,7 +7,7 @@ imports it first.
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -97,4 +97,6 @@ class FakePayProcess:
         ]
 
 
-UseProvider = Callable[[str], None]
+# conftest's `use_provider(url, client_class=FakePayClient)` and `override_fakepay(dependency)`.
+UseProvider = Callable[..., None]
+OverrideFakePay = Callable[[Callable[[], Awaitable[Any]]], None]

@@ -63,7 +63,11 @@ def test_every_operation_has_summary_description_and_tags(openapi: dict[str, Any
     [
         ("GET", "/health-check", {"200", "503"}),
         ("GET", "/invoice/{invoice_id}", {"200", "404", "422", "503"}),
-        ("POST", "/invoice", {"201", "400", "402", "404", "413", "422", "502", "503", "504"}),
+        (
+            "POST",
+            "/invoice",
+            {"201", "400", "402", "404", "409", "413", "422", "502", "503", "504"},
+        ),
         (
             "POST",
             "/invoice/pay/{invoice_id}",
@@ -109,7 +113,7 @@ def test_pay_offers_the_work_card_and_a_seeded_pending_id(openapi: dict[str, Any
         "expiry": "01-2040",
         "name": "Work Card",
     }
-    (parameter,) = operation["parameters"]
+    (parameter,) = [parameter for parameter in operation["parameters"] if parameter["in"] == "path"]
     assert [example["value"] for example in parameter["examples"].values()] == [
         "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
     ]
@@ -124,3 +128,13 @@ def test_list_documents_the_page_envelope(openapi: dict[str, Any]) -> None:
 
     envelope = openapi["components"]["schemas"][name]
     assert set(envelope["properties"]) == {"items", "total", "page", "size", "pages"}
+
+
+@pytest.mark.parametrize("path", ["/invoice", "/invoice/pay/{invoice_id}"])
+def test_both_posts_document_the_idempotency_key_header(openapi: dict[str, Any], path: str) -> None:
+    parameters = openapi["paths"][path]["post"]["parameters"]
+
+    (header,) = [parameter for parameter in parameters if parameter["in"] == "header"]
+    assert header["name"] == "Idempotency-Key"
+    assert header["required"] is False
+    assert "Idempotent-Replayed" in header["description"]

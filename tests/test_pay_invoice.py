@@ -1,14 +1,18 @@
 """POST /invoice/pay/{invoice_id}, and how every provider outcome leaves the invoice."""
 
+import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from tests.stand_in import StandInProvider, refusing_provider_url, silent_provider
 from tests.support import (
     MASKED_WORK_CARD,
+    PAID_REPLY,
     SEEDED_CANCELLED,
     SEEDED_PAID,
     SEEDED_PENDING,
@@ -18,6 +22,7 @@ from tests.support import (
     UseProvider,
     attempts,
     create_pending_invoice,
+    direct_engine,
 )
 
 
@@ -259,7 +264,7 @@ def test_provider_trickling_its_reply_is_cut_off_at_the_deadline_as_504(
 ) -> None:
     """Each byte arrives well inside the 2 s read timeout; only the 4 s deadline ends it."""
     invoice_id = create_pending_invoice(client)
-    stand_in.answer(200, b" " * 200, trickle_s=0.08)
+    stand_in.answer(200, b" " * 200, trickle_s=0.08, trickle_head=True)
 
     started = time.monotonic()
     response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
@@ -269,6 +274,19 @@ def test_provider_trickling_its_reply_is_cut_off_at_the_deadline_as_504(
     assert "FakePay did not finish its reply within 4 s" in response.json()["detail"]
     assert 4 <= elapsed < 5
     assert attempts(invoice_id) == [("UNKNOWN", "FakePay did not finish its reply within 4 s")]
+
+
+def test_a_200_whose_body_trickles_past_the_deadline_is_paid(
+    client: TestClient, stand_in: StandInProvider
+) -> None:
+    """The status line decides: FakePay said 200, whatever the body does afterwards."""
+    invoice_id = create_pending_invoice(client)
+    stand_in.answer(200, b" " * 200, trickle_s=0.08)
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+    assert attempts(invoice_id) == [("SUCCEEDED", None)]
 
 
 def test_slow_reply_inside_the_timeout_is_paid(
@@ -330,3 +348,100 @@ def test_create_with_card_declined_is_402_naming_the_new_pending_invoice(
         "detail": f"Payment for invoice {invoice_id} was declined by FakePay: Card blocked"
     }
     assert status_of(client, invoice_id) == "PENDING"
+
+
+def test_200_with_an_undecodable_body_is_still_paid(
+    client: TestClient, stand_in: StandInProvider
+) -> None:
+    """A 200 whose gzip body is broken made httpx raise DecodingError: a 500 that left the
+    attempt PROCESSING although the provider had said paid."""
+    invoice_id = create_pending_invoice(client)
+    stand_in.answer(200, b"this is not gzip", headers={"Content-Encoding": "gzip"})
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+    assert response.json()["invoiceStatus"] == "PAID"
+    assert attempts(invoice_id) == [("SUCCEEDED", None)]
+
+
+def test_an_unexpected_error_in_the_charge_ends_the_attempt_unknown(
+    client: TestClient, use_provider: UseProvider, fakepay: FakePayProcess
+) -> None:
+    """An exception nobody foresaw used to escape between claim and settle: a 500, and the
+    attempt left PROCESSING, blocking the invoice."""
+    from payments import FakePayClient, FakePayRequest
+
+    class BrokenClient(FakePayClient):
+        async def charge(self, request: FakePayRequest) -> Any:
+            raise RuntimeError("a bug in the client")
+
+    invoice_id = create_pending_invoice(client)
+    use_provider(fakepay.url, BrokenClient)
+
+    response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 504
+    assert invoice_id in response.json()["detail"]
+    assert attempts(invoice_id) == [("UNKNOWN", "unexpected error (RuntimeError)")]
+
+
+def test_a_superseded_attempt_charged_late_is_refund_due_never_a_second_success(
+    client: TestClient, stand_in: StandInProvider
+) -> None:
+    """Attempt 1 stalls; attempt 2 supersedes it and pays; then attempt 1's charge lands."""
+    invoice_id = create_pending_invoice(client)
+    stand_in.answer(200, PAID_REPLY, delay_s=1.5)
+    first: dict[str, Any] = {}
+    payer = threading.Thread(
+        target=lambda: first.update(reply=client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD))
+    )
+    payer.start()
+    while not stand_in.requests_for(invoice_id):
+        time.sleep(0.05)
+    age_attempts(invoice_id, hours=1)  # as if attempt 1 had stalled long ago
+
+    second = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+    payer.join()
+
+    assert second.status_code == 201
+    assert first["reply"].status_code == 409
+    assert "REFUND_DUE" in first["reply"].json()["detail"]
+    statuses = [status for status, _ in attempts(invoice_id)]
+    assert statuses == ["REFUND_DUE", "SUCCEEDED"]
+    listed = client.get("/invoices", params={"size": 100}).json()["items"]
+    assert [item["id"] for item in listed].count(invoice_id) == 1
+    assert client.get(f"/invoice/{invoice_id}").json()["invoiceStatus"] == "PAID"
+
+
+def age_attempts(invoice_id: str, hours: int) -> None:
+    with direct_engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE payment SET created_at = created_at - INTERVAL :hours HOUR "
+                "WHERE invoice_id = :invoice_id"
+            ),
+            {"hours": hours, "invoice_id": invoice_id},
+        )
+
+
+def test_paying_does_not_lock_the_customer(client: TestClient) -> None:
+    """A claim used to lock the invoice's customer row as well, so every payment and new
+    invoice of one customer queued behind each other."""
+    invoice_id = create_pending_invoice(client)
+    with direct_engine.connect() as connection, connection.begin():
+        connection.execute(text("SELECT * FROM customer WHERE customer_id = 3 FOR UPDATE"))
+
+        response = client.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+
+    assert response.status_code == 201
+
+
+def test_the_app_talks_to_the_database_in_utc(client: TestClient) -> None:
+    from db import engine
+
+    async def zone() -> Any:
+        async with engine.connect() as connection:
+            return (await connection.execute(text("SELECT @@session.time_zone"))).scalar_one()
+
+    assert client.portal.call(zone) == "+00:00"  # type: ignore[union-attr]

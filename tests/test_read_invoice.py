@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scripts.processes import Running, free_port, running_app
-from tests.support import WORK_CARD
+from tests.support import WORK_CARD, OverrideFakePay
 
 CANCELLED_ID = "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"
 
@@ -115,19 +115,13 @@ def test_logs_hold_no_database_password(live_server: Running, http: httpx.Client
 
 
 def test_an_unexpected_error_is_a_json_500_with_its_request_id_logged(
-    client: TestClient, app_log: Path
+    client: TestClient, app_log: Path, override_fakepay: OverrideFakePay
 ) -> None:
-    from main import app
-    from payments import get_fakepay
-
     async def broken() -> None:
         raise RuntimeError("a bug")
 
-    app.dependency_overrides[get_fakepay] = broken
-    try:
-        response = client.post(f"/invoice/pay/{CANCELLED_ID}", json=WORK_CARD)
-    finally:
-        app.dependency_overrides.pop(get_fakepay)
+    override_fakepay(broken)
+    response = client.post(f"/invoice/pay/{CANCELLED_ID}", json=WORK_CARD)
 
     assert response.status_code == 500
     assert response.json() == {

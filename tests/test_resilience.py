@@ -301,3 +301,42 @@ def test_a_payment_outcome_survives_a_short_database_outage(
     assert results["paid"].json()["invoiceStatus"] == "PAID"
     assert attempt_statuses(invoice_id) == [PaymentStatus.SUCCEEDED]
     assert "retrying" in (tmp_path / "app.log").read_text()
+
+
+def test_a_database_outage_after_the_charge_names_the_invoice_and_the_charge(
+    database_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """The provider charges the card, then the database stays away longer than recording the
+    outcome retries. A client of POST /invoice must still learn its invoice id and that it was
+    charged, or it would retry into a second invoice and a second charge."""
+    with StandInProvider() as provider:
+        provider.answer(200, PAID_REPLY, delay_s=1.0)
+        env = {
+            "DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}",
+            "FAKEPAY_URL": provider.url,
+        }
+        body = {"jobDescription": "Charged in an outage", "amount": 5, "customerId": 1}
+        with (
+            running_app(tmp_path / "app.log", env=env) as server,
+            httpx.Client(base_url=server.url, timeout=60) as http,
+        ):
+            result: dict[str, httpx.Response] = {}
+            payer = threading.Thread(
+                target=lambda: result.update(
+                    reply=http.post("/invoice", json={**body, "card": WORK_CARD})
+                )
+            )
+            payer.start()
+            while not provider.received:
+                time.sleep(0.05)
+            database_proxy.cut()
+            payer.join()
+            database_proxy.start()
+        (charged,) = provider.received
+
+    invoice_id = charged["transactionId"]
+    reply = result["reply"]
+    assert reply.status_code == 503
+    assert invoice_id in reply.json()["detail"]
+    assert "the card was charged" in reply.json()["detail"]
+    assert f"GET /invoice/{invoice_id}" in reply.json()["detail"]

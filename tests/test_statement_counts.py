@@ -63,7 +63,7 @@ def test_create_is_a_lookup_and_an_insert(client: TestClient, statements: list[s
     assert statements == ["SELECT", "INSERT"]
 
 
-def test_pay_is_claim_charge_settle_in_five_statements(
+def test_pay_is_claim_charge_settle_in_six_statements(
     client: TestClient, statements: list[str]
 ) -> None:
     invoice_id = new_invoice(client)
@@ -71,6 +71,6 @@ def test_pay_is_claim_charge_settle_in_five_statements(
 
     assert client.post(f"/invoice/pay/{invoice_id}", json=CARD).status_code == 201
 
-    # claim: lock invoice and customer, look for attempts in flight, record the attempt;
-    # settle: mark the invoice PAID and the attempt SUCCEEDED
-    assert statements == ["SELECT", "SELECT", "INSERT", "UPDATE", "UPDATE"]
+    # claim: lock the invoice, look for attempts in flight, read the customer, record the
+    # attempt; settle: mark the invoice PAID and the attempt SUCCEEDED
+    assert statements == ["SELECT", "SELECT", "SELECT", "INSERT", "UPDATE", "UPDATE"]

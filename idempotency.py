@@ -1,0 +1,292 @@
+"""Idempotency-Key: a retried request gets the first reply again instead of running twice.
+
+Stripe's semantics with the IETF httpapi draft's header. The lifecycle of one key:
+
+1. `replay` (the route, before doing anything): a finished reply under the key is returned as
+   it was, marked `Idempotent-Replayed: true`; the same key on another request is a 422; a
+   request still running under it is a 409 with `Retry-After`.
+2. `reserve` (the domain, inside the transaction of the request's first change: the invoice
+   insert, or the payment attempt of a claim): the key row is written with that change, so a
+   crash can never leave one without the other. A concurrent twin blocks on the row's unique
+   key and then fails with `IdempotencyKeyInUseError`, its own change rolled back.
+3. `IdempotencyMiddleware` (after the reply): the reply is stored in the row if the request
+   changed something (`changed`: an invoice was created or a charge was sent); otherwise the
+   row is dropped and the key may be used again.
+
+A row is kept `IDEMPOTENCY_TTL_HOURS`, then purged. Fingerprints cover the method, the path and
+the validated body with the card number masked, so no hash of a card number is ever stored.
+"""
+
+import asyncio
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from loguru import logger
+from pydantic import BaseModel
+from sqlalchemy import delete, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col
+from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from db import DATABASE_UNREACHABLE, engine
+from models import Card, IdempotencyRecord, InvoiceCreate
+from settings import settings
+
+HEADER = "Idempotency-Key"
+VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
+DUPLICATE_KEY = 1062
+STATE_KEY = "idempotency"
+
+
+class IdempotencyError(Exception):
+    """A request that must not run because of its key; `main.py` maps each to a status."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class IdempotencyKeyInUseError(IdempotencyError):
+    def __init__(self) -> None:
+        super().__init__(
+            f"A request with this {HEADER} is still running; retry in a second to get its reply"
+        )
+
+
+class IdempotentRequestUnfinishedError(IdempotencyError):
+    def __init__(self, invoice_id: str) -> None:
+        super().__init__(
+            f"The first request with this {HEADER} did not finish; it concerned invoice "
+            f"{invoice_id}. Read it with GET /invoice/{invoice_id} before trying again"
+        )
+
+
+def now() -> datetime:
+    """UTC without a zone, as the database's DATETIME columns hold it (sessions run in UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def key_reused_error() -> RequestValidationError:
+    return RequestValidationError(
+        [
+            {
+                "type": "idempotency_key_reused",
+                "loc": ("header", HEADER),
+                "msg": f"this {HEADER} was already used for a different request; "
+                "use a new key for a new request",
+            }
+        ]
+    )
+
+
+def canonical_body(body: BaseModel | None) -> Any:
+    """The body as the fingerprint sees it: validated, with any card number masked."""
+    if body is None:
+        return None
+    if isinstance(body, Card):
+        return body.masked().model_dump()
+    if isinstance(body, InvoiceCreate):
+        return {**body.model_dump(mode="json", exclude={"card"}), "card": canonical_body(body.card)}
+    return body.model_dump(mode="json")
+
+
+def fingerprint(method: str, path: str, body: BaseModel | None) -> str:
+    """What makes two requests the same request: SHA-256 of method, path and canonical body."""
+    text = json.dumps([method, path, canonical_body(body)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class IdempotentRequest:
+    """The Idempotency-Key of one request, or none (`key is None`: every method is a no-op)."""
+
+    key: str | None = None
+    owner: str = ""
+    method: str = "POST"
+    path: str = ""
+    fingerprint: str = ""
+    reserved: bool = False  # this request wrote the key row
+    changed: bool = False  # this request created an invoice or sent a charge
+    stale_after: timedelta = field(default=timedelta(minutes=5))
+
+    async def replay(self, session: AsyncSession, body: BaseModel | None) -> Response | None:
+        """The stored reply for this key, if there is one; raise if the key cannot be used."""
+        if self.key is None:
+            return None
+        self.fingerprint = fingerprint(self.method, self.path, body)
+        record = await session.get(IdempotencyRecord, (self.owner, self.key))
+        if record is not None and record.expires_at <= now():
+            await session.delete(record)
+            record = None
+        await session.commit()  # end the read, so the change that follows starts afresh
+        if record is None:
+            return None
+        if record.fingerprint != self.fingerprint:
+            raise key_reused_error()
+        if record.response_status is None or record.response_body is None:
+            started = record.created_at or now()
+            if now() - started > self.stale_after:
+                raise IdempotentRequestUnfinishedError(record.invoice_id)
+            raise IdempotencyKeyInUseError()
+        return Response(
+            record.response_body,
+            status_code=record.response_status,
+            media_type="application/json",
+            headers={"Idempotent-Replayed": "true"},
+        )
+
+    def reserve(self, session: AsyncSession, invoice_id: str) -> None:
+        """Add the key row to the transaction that makes this request's first change."""
+        if self.key is None or self.reserved:
+            return
+        session.add(
+            IdempotencyRecord(
+                owner=self.owner,
+                idempotency_key=self.key,
+                fingerprint=self.fingerprint,
+                invoice_id=invoice_id,
+                expires_at=now() + timedelta(hours=settings.idempotency_ttl_hours),
+            )
+        )
+
+    def taken_by_twin(self, error: IntegrityError) -> bool:
+        """Whether a commit that reserved this key failed on it: a twin request holds it.
+        (The other rows such a commit inserts have generated keys, which cannot collide.)"""
+        code = getattr(error.orig, "args", (None,))[0]
+        return self.key is not None and not self.reserved and code == DUPLICATE_KEY
+
+    async def finish(self, status_code: int, body: bytes) -> None:
+        """Store the reply under the key, or drop the key if the request changed nothing."""
+        where = (col(IdempotencyRecord.owner) == self.owner) & (
+            col(IdempotencyRecord.idempotency_key) == self.key
+        )
+        async with AsyncSession(engine) as session, session.begin():
+            if self.changed:
+                await session.exec(
+                    update(IdempotencyRecord)
+                    .where(where)
+                    .values(response_status=status_code, response_body=body.decode())
+                )
+            else:
+                await session.exec(delete(IdempotencyRecord).where(where))
+
+
+async def idempotent_request(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=HEADER,
+            description="Optional. Retries with the same key and body get the first reply "
+            "again (`Idempotent-Replayed: true`) instead of running twice. 1-255 visible "
+            "ASCII characters; a quoted value means the same key unquoted.",
+            examples=["order-7f3c2a"],
+        ),
+    ] = None,
+) -> IdempotentRequest:
+    if idempotency_key is None:
+        return IdempotentRequest()
+    key = idempotency_key
+    if len(key) >= 2 and key.startswith('"') and key.endswith('"'):
+        key = key[1:-1]
+    if not VISIBLE_ASCII.fullmatch(key):
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("header", HEADER),
+                    "msg": f"{HEADER} must be 1-255 visible ASCII characters (no spaces)",
+                }
+            ]
+        )
+    idempotent = IdempotentRequest(
+        key=key,
+        method=request.method,
+        path=request.url.path,
+        stale_after=timedelta(seconds=settings.payment_stale_after_s),
+    )
+    request.state.idempotency = idempotent
+    return idempotent
+
+
+IdempotencyDep = Annotated[IdempotentRequest, Depends(idempotent_request)]
+
+
+class IdempotencyMiddleware:
+    """Stores the reply of a request that reserved an Idempotency-Key, before sending it.
+
+    Storing first means a client that retries the moment it has the reply finds it stored.
+    Requests without a reserved key pass straight through.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold(message: Message) -> None:
+            idempotent = scope.get("state", {}).get(STATE_KEY)
+            if not (isinstance(idempotent, IdempotentRequest) and idempotent.reserved):
+                for earlier in held:
+                    await send(earlier)
+                held.clear()
+                await send(message)
+                return
+            held.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                start, *chunks = held
+                body = b"".join(chunk.get("body", b"") for chunk in chunks)
+                await store(idempotent, start["status"], body)
+                for pending in held:
+                    await send(pending)
+                held.clear()
+
+        await self.app(scope, receive, hold)
+
+
+async def store(idempotent: IdempotentRequest, status_code: int, body: bytes) -> None:
+    try:
+        await idempotent.finish(status_code, body)
+    except DATABASE_UNREACHABLE:
+        # The key row stays unfinished: a retry gets a 409 naming the invoice to read.
+        logger.error("the reply to Idempotency-Key {} could not be stored", idempotent.key)
+
+
+async def purge_expired_keys(session: AsyncSession, batch: int = 1000) -> int:
+    """Delete keys past their TTL, a batch at a time; how many went."""
+    removed = 0
+    while True:
+        result = await session.exec(
+            delete(IdempotencyRecord)
+            .where(col(IdempotencyRecord.expires_at) <= now())
+            .with_dialect_options(mysql_limit=batch)
+        )
+        await session.commit()
+        removed += result.rowcount
+        if result.rowcount < batch:
+            return removed
+
+
+async def purge_expired_keys_forever(every_s: float = 600) -> None:
+    """The lifespan's background task: purge, sleep, repeat; a database outage only waits."""
+    while True:
+        try:
+            async with AsyncSession(engine) as session:
+                removed = await purge_expired_keys(session)
+            if removed:
+                logger.info("purged {} expired idempotency keys", removed)
+        except DATABASE_UNREACHABLE:
+            logger.warning("purging expired idempotency keys failed; will try again")
+        await asyncio.sleep(every_s)
