@@ -8,7 +8,7 @@ STACK := $(BIN)/python -m scripts.stack
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean
+.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean api-key api-key-revoke api-keys
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,6 +28,7 @@ stop: ## stop FakePay and the private database server (data kept)
 
 WORKERS ?= 2
 serve: install db-up ## production mode: N uvicorn workers (WORKERS=2), no reload, JSON logs
+	@$(STACK) serve-guard $(HOST)
 	LOG_JSON=true $(BIN)/uvicorn main:app --loop uvloop --http httptools --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
 
 test: install db-up ## run the test suite (its own database, its own FakePay)
@@ -66,13 +67,31 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	@touch $@
 
-postman: install db-up fakepay-up node_modules/.installed ## run the Postman collection with newman against a live app
-	$(STACK) with-app sh -c 'node_modules/.bin/newman run postman/invoice-api.postman_collection.json \
-		-e postman/local.postman_environment.json --env-var baseUrl=$$APP_URL'
+NEWMAN = node_modules/.bin/newman run postman/invoice-api.postman_collection.json \
+	-e postman/local.postman_environment.json --env-var baseUrl=$$APP_URL
+postman: install db-up fakepay-up node_modules/.installed ## run the Postman collection with newman, AUTH off then on
+	AUTH=off $(STACK) with-app sh -c '$(NEWMAN)'
+	API_KEY=$$($(BIN)/python -m scripts.api_keys create postman-$$(date +%s%N) write | tail -n 1) && \
+		export API_KEY && AUTH=on $(STACK) with-app sh -c '$(NEWMAN) --env-var apiKey=$$API_KEY' 
 
-e2e: install db-up fakepay-up ## headless Chromium clicks Try it out in Swagger UI (screenshot in artifacts/)
+e2e: install db-up fakepay-up ## headless Chromium: Try it out in Swagger UI, AUTH off then on with Authorize
 	@sh scripts/ensure-chromium.sh
-	$(STACK) with-app $(BIN)/python e2e/swagger_try_it_out.py
+	AUTH=off $(STACK) with-app $(BIN)/python e2e/swagger_try_it_out.py
+	API_KEY=$$($(BIN)/python -m scripts.api_keys create e2e-$$(date +%s%N) write | tail -n 1) && \
+		export API_KEY && AUTH=on $(STACK) with-app $(BIN)/python e2e/swagger_try_it_out.py
+
+NAME ?=
+SCOPE ?= read
+api-key: install db-up ## make an API key (NAME=... SCOPE=read|write); its secret is the last line
+	@[ -n "$(NAME)" ] || { echo "usage: make api-key NAME=<name> SCOPE=read|write"; exit 2; }
+	@$(BIN)/python -m scripts.api_keys create "$(NAME)" "$(SCOPE)"
+
+api-key-revoke: install db-up ## revoke an API key (NAME=...); it stops working within 5 s
+	@[ -n "$(NAME)" ] || { echo "usage: make api-key-revoke NAME=<name>"; exit 2; }
+	@$(BIN)/python -m scripts.api_keys revoke "$(NAME)"
+
+api-keys: install db-up ## list API keys: name, scope, prefix, created, last used, revoked
+	@$(BIN)/python -m scripts.api_keys list
 
 ROWS ?= 200000
 bench: install db-up ## benchmark against a minimal baseline (ROWS=200000); see BENCHMARKS.md

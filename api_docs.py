@@ -24,7 +24,8 @@ Seeded data to try: customers 1-5; PENDING invoices `6f53c715-0369-11f0-8d97-7c6
 and `6f53c7be-0369-11f0-8d97-7c646cb7c0bc`; CANCELLED `a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc`.
 """
 TAGS = [
-    {"name": "invoices", "description": "Create, pay, read and list invoices."},
+    {"name": "invoices", "description": "Create, pay, cancel, read and list invoices."},
+    {"name": "customers", "description": "Create, read and list the customers invoices are for."},
     {"name": "health", "description": "Is the service able to reach its database?"},
 ]
 
@@ -57,6 +58,18 @@ READ_EXAMPLES: dict[str, Example] = {
     "a seeded PENDING invoice": {"value": SEEDED_PENDING_ID},
 }
 PAY_ID_EXAMPLES: dict[str, Example] = {"seeded PENDING invoice": {"value": SEEDED_PENDING_ID}}
+CANCEL_ID_EXAMPLES: dict[str, Example] = {
+    "the other seeded PENDING invoice": {"value": "6f53c7be-0369-11f0-8d97-7c646cb7c0bc"},
+    "the seeded CANCELLED invoice (cancelling again changes nothing)": {
+        "value": "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"
+    },
+}
+CUSTOMER_EXAMPLES: dict[str, Example] = {
+    "a new customer": {
+        "summary": "Its email must not be taken yet",
+        "value": {"customerName": "Ada Lovelace", "customerEmail": "ada.lovelace@example.com"},
+    }
+}
 CREATE_EXAMPLES: dict[str, Example] = {
     "without card": {
         "summary": "A PENDING invoice",

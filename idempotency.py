@@ -207,8 +207,10 @@ async def idempotent_request(
                 }
             ]
         )
+    api_key = getattr(request.state, "api_key", None)  # set by auth.authorize when AUTH=on
     idempotent = IdempotentRequest(
         key=key,
+        owner="" if api_key is None else f"api-key:{api_key.id}",
         method=request.method,
         path=request.url.path,
         stale_after=timedelta(seconds=settings.payment_stale_after_s),

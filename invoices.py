@@ -6,14 +6,17 @@ skips building and cache-keying them, and turned into `InvoicePublic` by `to_pub
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from typing import Annotated, Any
 
-from fastapi import HTTPException, status
+from fastapi import Depends, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
-from sqlalchemy import Integer, Row, bindparam, func
+from pydantic import BeforeValidator
+from sqlalchemy import ColumnElement, Integer, Row, bindparam, func
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import Subquery
 from sqlmodel import col, select
@@ -31,11 +34,14 @@ from models import (
     InvoiceStatusCount,
     MaskedCard,
     Payment,
+    PaymentHistory,
+    PaymentPublic,
     PaymentStatus,
     decode_cursor,
     encode_cursor,
     uuid7,
 )
+from settings import settings
 
 # A statement of `invoice_rows`, and one row of its result: the columns by name.
 InvoiceSelect = Select[*tuple[Any, ...]]
@@ -126,20 +132,76 @@ async def get_invoice_or_404(session: AsyncSession, invoice_id: uuid.UUID) -> In
 NEWEST_FIRST = (col(Invoice.created_at).desc(), col(Invoice.id).desc())
 
 
-def count_statement(*, filtered: bool) -> SelectOfScalar[Any]:
-    query = select(func.coalesce(func.sum(InvoiceStatusCount.invoice_count), 0))
-    if filtered:
-        query = query.where(col(InvoiceStatusCount.invoice_status) == bindparam("invoice_status"))
-    return query
+@dataclass(frozen=True)
+class InvoiceFilter:
+    """What a list or scroll request narrows the invoices to; every part optional."""
+
+    invoice_status: InvoiceStatus | None = None
+    customer_id: int | None = None
+    created_from: datetime | None = None  # inclusive, UTC
+    created_to: datetime | None = None  # exclusive, UTC
+
+    @property
+    def shape(self) -> "FilterShape":
+        """Which parts are set: one prebuilt statement serves each shape."""
+        return FilterShape(
+            self.invoice_status is not None,
+            self.customer_id is not None,
+            self.created_from is not None,
+            self.created_to is not None,
+        )
+
+    def params(self) -> dict[str, Any]:
+        values = {
+            "invoice_status": self.invoice_status.value if self.invoice_status else None,
+            "customer_id": self.customer_id,
+            "created_from": self.created_from,
+            "created_to": self.created_to,
+        }
+        return {name: value for name, value in values.items() if value is not None}
 
 
-def page_statement(*, filtered: bool, keyset: bool) -> InvoiceSelect:
-    """One page of invoices, newest first. The ids come from the (status,) created_at, id index
-    alone (a deferred join); the other columns and tables are joined to those ids only. The
-    page starts at an `offset`, or (keyset) strictly after a (created_at, id) position."""
-    ids = select(Invoice.id)
-    if filtered:
-        ids = ids.where(col(Invoice.invoice_status) == bindparam("invoice_status"))
+@dataclass(frozen=True)
+class FilterShape:
+    status: bool = False
+    customer: bool = False
+    created_from: bool = False
+    created_to: bool = False
+
+
+def conditions(shape: FilterShape) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if shape.status:
+        where.append(col(Invoice.invoice_status) == bindparam("invoice_status"))
+    if shape.customer:
+        where.append(col(Invoice.customer_id) == bindparam("customer_id"))
+    if shape.created_from:
+        where.append(col(Invoice.created_at) >= bindparam("created_from"))
+    if shape.created_to:
+        where.append(col(Invoice.created_at) < bindparam("created_to"))
+    return where
+
+
+@cache
+def count_statement(shape: FilterShape) -> SelectOfScalar[Any]:
+    """Exact totals. By status alone (or nothing) they come from the per-status counts table,
+    O(1) however many invoices exist; any other filter counts the matching index range."""
+    if not (shape.customer or shape.created_from or shape.created_to):
+        query = select(func.coalesce(func.sum(InvoiceStatusCount.invoice_count), 0))
+        if shape.status:
+            status = col(InvoiceStatusCount.invoice_status) == bindparam("invoice_status")
+            query = query.where(status)
+        return query
+    return select(func.count()).select_from(Invoice).where(*conditions(shape))
+
+
+@cache
+def page_statement(shape: FilterShape, *, keyset: bool) -> InvoiceSelect:
+    """One page of invoices, newest first. The ids come from a (filter columns,) created_at, id
+    index alone (a deferred join); the other columns and tables are joined to those ids only.
+    The page starts at an `offset`, or (keyset) strictly after a (created_at, id) position.
+    Built once per shape: a request then skips building and cache-keying its statement."""
+    ids = select(Invoice.id).where(*conditions(shape))
     if keyset:
         created_at: Any = bindparam("after_created_at")
         invoice_id: Any = bindparam("after_id")
@@ -153,37 +215,47 @@ def page_statement(*, filtered: bool, keyset: bool) -> InvoiceSelect:
     return invoice_rows(page).order_by(*NEWEST_FIRST)
 
 
-COUNT_STATEMENTS = {filtered: count_statement(filtered=filtered) for filtered in (False, True)}
-PAGE_STATEMENTS = {
-    (filtered, keyset): page_statement(filtered=filtered, keyset=keyset)
-    for filtered in (False, True)
-    for keyset in (False, True)
-}
-
-
-def status_params(invoice_status: InvoiceStatus | None) -> dict[str, Any]:
-    return {} if invoice_status is None else {"invoice_status": invoice_status.value}
-
-
-async def count_invoices(session: AsyncSession, invoice_status: InvoiceStatus | None) -> int:
-    """Exact totals from the per-status counts table: O(1) however many invoices exist."""
-    statement = COUNT_STATEMENTS[invoice_status is not None]
+async def count_invoices(session: AsyncSession, where: InvoiceFilter) -> int:
     connection = await session.connection()
-    return int(await connection.scalar(statement, status_params(invoice_status)))
+    return int(await connection.scalar(count_statement(where.shape), where.params()))
 
 
 async def list_page(
-    session: AsyncSession, invoice_status: InvoiceStatus | None, params: Params
+    session: AsyncSession, where: InvoiceFilter, params: Params
 ) -> Page[InvoicePublic]:
     """Newest first, id as tie-breaker; a page past the end costs no item query."""
-    total = await count_invoices(session, invoice_status)
     raw = params.to_raw_params().as_limit_offset()
+    offset = raw.offset or 0
+    total = await count_invoices(session, where)
     items: list[InvoicePublic] = []
-    if raw.offset is not None and raw.offset < total:
-        statement = PAGE_STATEMENTS[(invoice_status is not None, False)]
-        page = {"offset": raw.offset, "limit": raw.limit, **status_params(invoice_status)}
-        items = [to_public(row) for row in await fetch(session, statement, page)]
+    if offset < total:
+        page = {"offset": offset, "limit": raw.limit, **where.params()}
+        rows = await fetch(session, page_statement(where.shape, keyset=False), page)
+        items = [to_public(row) for row in rows]
     return create_page(items, total=total, params=params)  # type: ignore[return-value]
+
+
+async def page_params(
+    page: Annotated[int, Query(ge=1, description="Page number")] = 1,
+    size: Annotated[int, Query(ge=1, le=100, description="Items per page")] = 10,
+) -> Params:
+    """A page number is refused at once when it starts deeper than MAX_PAGE_OFFSET rows: an
+    offset that deep costs the database more than any page is worth."""
+    offset = (page - 1) * size
+    if offset > settings.max_page_offset:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "page"),
+                    "msg": f"page {page} starts {offset} rows deep, past the "
+                    f"{settings.max_page_offset} that page numbers reach; to go deeper through "
+                    "invoices, continue with GET /invoices/scroll, whose cost does not grow "
+                    "with depth",
+                }
+            ]
+        )
+    return Params(page=page, size=size)
 
 
 def decode_cursor_or_422(cursor: str) -> tuple[datetime, str]:
@@ -202,16 +274,16 @@ def decode_cursor_or_422(cursor: str) -> tuple[datetime, str]:
 
 
 async def scroll(
-    session: AsyncSession, invoice_status: InvoiceStatus | None, size: int, cursor: str | None
+    session: AsyncSession, where: InvoiceFilter, size: int, cursor: str | None
 ) -> InvoiceScrollPage:
     """Keyset pagination: continue strictly after the last (created_at, id) seen."""
-    slice_params: dict[str, Any] = {"limit": size + 1, **status_params(invoice_status)}
+    slice_params: dict[str, Any] = {"limit": size + 1, **where.params()}
     if cursor is None:
         slice_params["offset"] = 0
     else:
         created_at, invoice_id = decode_cursor_or_422(cursor)
         slice_params |= {"after_created_at": created_at, "after_id": invoice_id}
-    statement = PAGE_STATEMENTS[(invoice_status is not None, cursor is not None)]
+    statement = page_statement(where.shape, keyset=cursor is not None)
     rows = await fetch(session, statement, slice_params)
     next_cursor = None
     if len(rows) > size:
@@ -219,7 +291,7 @@ async def scroll(
         next_cursor = encode_cursor(last.created_at, last.id)
     return InvoiceScrollPage(
         items=[to_public(row) for row in rows[:size]],
-        total=await count_invoices(session, invoice_status),
+        total=await count_invoices(session, where),
         size=size,
         next_cursor=next_cursor,
     )
@@ -252,3 +324,152 @@ async def create_pending_invoice(
         "invoice {} created for customer {}: {}", invoice.id, customer.customer_id, invoice.amount
     )
     return invoice, customer
+
+
+def to_utc(value: object) -> object:
+    """An ISO 8601 date or date-time as a naive UTC datetime (the columns' form); a
+    date-time without an offset is taken as UTC."""
+    if not isinstance(value, str):
+        return value
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            "must be an ISO 8601 date or date-time, such as 2025-03-17 or 2025-03-17T09:00:00Z"
+        ) from None
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+UtcDateTime = Annotated[datetime, BeforeValidator(to_utc)]
+
+
+async def invoice_filter(
+    invoice_status: Annotated[
+        InvoiceStatus | None, Query(alias="invoiceStatus", description="Only this status")
+    ] = None,
+    customer_id: Annotated[
+        int | None,
+        Query(alias="customerId", ge=1, le=2_147_483_647, description="Only this customer's"),
+    ] = None,
+    created_from: Annotated[
+        UtcDateTime | None,
+        Query(
+            alias="createdFrom",
+            description="Created at or after this ISO 8601 date or date-time (UTC unless an "
+            "offset is given)",
+        ),
+    ] = None,
+    created_to: Annotated[
+        UtcDateTime | None,
+        Query(alias="createdTo", description="Created before this date or date-time"),
+    ] = None,
+) -> InvoiceFilter:
+    if created_from and created_to and created_from >= created_to:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "createdTo"),
+                    "msg": "createdTo must be later than createdFrom",
+                }
+            ]
+        )
+    return InvoiceFilter(invoice_status, customer_id, created_from, created_to)
+
+
+InvoiceFilterDep = Annotated[InvoiceFilter, Depends(invoice_filter)]
+
+
+class InvoiceConflictError(Exception):
+    """An invoice whose state forbids the change asked for; `main.py` answers 409."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def cancel_invoice(
+    session: AsyncSession, invoice_id: uuid.UUID, idempotency: IdempotentRequest
+) -> InvoicePublic:
+    """PENDING -> CANCELLED under the invoice row lock, the lock a payment's claim takes too,
+    so a cancel and a pay of one invoice never both succeed. Cancelling again changes nothing."""
+    key = str(invoice_id)
+    cancelled_now = False
+    try:
+        async with session.begin():
+            locked = await session.exec(select(Invoice).where(Invoice.id == key).with_for_update())
+            invoice = locked.first()
+            if invoice is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {key} not found")
+            if invoice.invoice_status == InvoiceStatus.PAID:
+                raise InvoiceConflictError(
+                    f"Invoice {key} is PAID; a paid invoice cannot be cancelled"
+                )
+            if invoice.invoice_status == InvoiceStatus.PENDING:
+                await refuse_if_payment_unsettled(session, key)
+                invoice.invoice_status = InvoiceStatus.CANCELLED
+                idempotency.reserve(session, key)
+                cancelled_now = True
+    except IntegrityError as error:
+        if idempotency.taken_by_twin(error):
+            raise IdempotencyKeyInUseError() from None
+        raise
+    if cancelled_now:
+        idempotency.reserved = idempotency.changed = True
+        logger.info("invoice {} cancelled", key)
+    return await get_invoice_or_404(session, invoice_id)
+
+
+async def refuse_if_payment_unsettled(session: AsyncSession, invoice_id: str) -> None:
+    """409 while the latest payment attempt is in flight or has an unknown outcome."""
+    latest = await session.exec(
+        select(Payment.payment_status)
+        .where(Payment.invoice_id == invoice_id)
+        .order_by(col(Payment.id).desc())
+        .limit(1)
+    )
+    attempt = latest.first()
+    if attempt == PaymentStatus.PROCESSING:
+        raise InvoiceConflictError(
+            f"A payment for invoice {invoice_id} is in progress; read the invoice again in a "
+            "few seconds: it will be PAID, or PENDING and then it can be cancelled"
+        )
+    if attempt == PaymentStatus.UNKNOWN:
+        raise InvoiceConflictError(
+            f"The last payment attempt for invoice {invoice_id} has an unknown outcome: the "
+            "card may have been charged. Pay it again with the same card (the provider "
+            "deduplicates on the invoice id) to settle it, or confirm with the provider that "
+            "nothing was charged, before cancelling"
+        )
+
+
+def as_utc(moment: datetime | None) -> datetime:
+    """A column's naive UTC time, marked as UTC for the wire."""
+    assert moment is not None  # NOT NULL columns with a server default
+    return moment.replace(tzinfo=UTC)
+
+
+async def payment_history(session: AsyncSession, invoice_id: uuid.UUID) -> PaymentHistory:
+    """Every attempt to charge a card for the invoice, newest first, masked cards only."""
+    key = str(invoice_id)
+    if await session.get(Invoice, key) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {key} not found")
+    attempts = await session.exec(
+        select(Payment).where(Payment.invoice_id == key).order_by(col(Payment.id).desc())
+    )
+    return PaymentHistory(items=[public_payment(payment) for payment in attempts])
+
+
+def public_payment(payment: Payment) -> PaymentPublic:
+    assert payment.id is not None  # read from the table
+    card = MaskedCard(
+        number=payment.card_number, expiry=payment.card_expiry, name=payment.card_name
+    )
+    return PaymentPublic(
+        payment_id=payment.id,
+        status=payment.payment_status,
+        reason=payment.reason,
+        card=card,
+        created_at=as_utc(payment.created_at),
+        modified_at=as_utc(payment.modified_at),
+    )

@@ -17,7 +17,9 @@ from sqlmodel import select
 import api_docs
 from api_docs import (
     BAD_BODY,
+    CANCEL_ID_EXAMPLES,
     CREATE_EXAMPLES,
+    CUSTOMER_EXAMPLES,
     DATABASE_DOWN,
     KEY_IN_USE,
     PAY_EXAMPLES,
@@ -26,6 +28,8 @@ from api_docs import (
     READ_EXAMPLES,
     error,
 )
+from auth import Authorized
+from customers import create_customer, get_customer_or_404, list_customers
 from db import DATABASE_UNREACHABLE, SessionDep
 from exact_json import ExactJSONRoute
 from idempotency import (
@@ -35,14 +39,27 @@ from idempotency import (
     IdempotencyMiddleware,
     purge_expired_keys_forever,
 )
-from invoices import create_pending_invoice, get_invoice_or_404, list_page, public_invoice, scroll
+from invoices import (
+    InvoiceConflictError,
+    InvoiceFilterDep,
+    cancel_invoice,
+    create_pending_invoice,
+    get_invoice_or_404,
+    list_page,
+    page_params,
+    payment_history,
+    public_invoice,
+    scroll,
+)
 from models import (
     Card,
+    CustomerCreate,
+    CustomerPublic,
     HealthStatus,
     InvoiceCreate,
     InvoicePublic,
     InvoiceScrollPage,
-    InvoiceStatus,
+    PaymentHistory,
 )
 from observability import RequestContextMiddleware, configure_logging
 from payments import (
@@ -112,6 +129,11 @@ async def idempotency_error_handler(request: Request, error: Exception) -> JSONR
     return error_reply(status.HTTP_409_CONFLICT, error.message, error)
 
 
+async def invoice_conflict_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, InvoiceConflictError)
+    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
+
+
 def error_reply(code: int, detail: str, error: Exception) -> JSONResponse:
     retry_after = RETRY_AFTER_S.get(type(error))
     headers = {"Retry-After": retry_after} if retry_after else None
@@ -147,6 +169,7 @@ def add_exception_handlers(app: FastAPI) -> None:
     """
     app.add_exception_handler(PaymentError, payment_error_handler)
     app.add_exception_handler(IdempotencyError, idempotency_error_handler)
+    app.add_exception_handler(InvoiceConflictError, invoice_conflict_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     for unreachable in DATABASE_UNREACHABLE:
         app.add_exception_handler(unreachable, database_unavailable_handler)
@@ -169,17 +192,7 @@ add_exception_handlers(app)
 api_docs.document_validation_errors(app)
 
 
-async def page_params(
-    page: Annotated[int, Query(ge=1, description="Page number")] = 1,
-    size: Annotated[int, Query(ge=1, le=100, description="Invoices per page")] = 10,
-) -> Params:
-    return Params(page=page, size=size)
-
-
 PageDep = Annotated[Params, Depends(page_params)]
-InvoiceStatusQuery = Annotated[
-    InvoiceStatus | None, Query(alias="invoiceStatus", description="Only this status")
-]
 
 
 @app.get(
@@ -200,6 +213,7 @@ async def health_check(session: SessionDep) -> Any:
 
 @app.get(
     "/invoice/{invoice_id}",
+    dependencies=[Authorized],
     tags=["invoices"],
     summary="Read one invoice",
     response_model=InvoicePublic,
@@ -214,6 +228,7 @@ async def read_invoice(
 
 @app.post(
     "/invoice",
+    dependencies=[Authorized],
     tags=["invoices"],
     summary="Create an invoice, optionally paying it by card",
     response_model=InvoicePublic,
@@ -250,6 +265,7 @@ async def create_invoice(
 
 @app.post(
     "/invoice/pay/{invoice_id}",
+    dependencies=[Authorized],
     tags=["invoices"],
     summary="Pay a PENDING invoice by card",
     response_model=InvoicePublic,
@@ -280,26 +296,75 @@ async def pay_pending_invoice(
     return public_invoice(paid, customer, masked)
 
 
+@app.post(
+    "/invoice/cancel/{invoice_id}",
+    dependencies=[Authorized],
+    tags=["invoices"],
+    summary="Cancel (void) a PENDING invoice",
+    response_model=InvoicePublic,
+    responses={
+        404: error("No invoice has this id"),
+        409: error(
+            f"The invoice is PAID, a payment for it is in flight or has an unknown outcome "
+            f"(the detail says what to do), or {KEY_IN_USE}"
+        ),
+        **DATABASE_DOWN,
+    },
+)
+async def cancel_pending_invoice(
+    invoice_id: Annotated[uuid.UUID, Path(openapi_examples=CANCEL_ID_EXAMPLES)],
+    session: SessionDep,
+    idempotency: IdempotencyDep,
+) -> InvoicePublic | Response:
+    """Mark a PENDING invoice CANCELLED; cancelling a CANCELLED invoice again changes nothing.
+
+    Try it with the seeded PENDING invoice `6f53c7be-0369-11f0-8d97-7c646cb7c0bc`.
+    """
+    if replay := await idempotency.replay(session, None):
+        return replay
+    return await cancel_invoice(session, invoice_id, idempotency)
+
+
+@app.get(
+    "/invoice/{invoice_id}/payments",
+    dependencies=[Authorized],
+    tags=["invoices"],
+    summary="Every payment attempt of an invoice",
+    response_model=PaymentHistory,
+    responses={404: error("No invoice has this id"), **DATABASE_DOWN},
+)
+async def read_invoice_payments(
+    invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], session: SessionDep
+) -> PaymentHistory:
+    """Each attempt to charge a card for the invoice, newest first, with masked cards only."""
+    return await payment_history(session, invoice_id)
+
+
 @app.get(
     "/invoices",
+    dependencies=[Authorized],
     tags=["invoices"],
     summary="List invoices, page by page",
     response_model=Page[InvoicePublic],
     responses=DATABASE_DOWN,
 )
 async def list_invoices(
-    session: SessionDep, params: PageDep, invoice_status: InvoiceStatusQuery = None
+    session: SessionDep, where: InvoiceFilterDep, params: PageDep
 ) -> Page[InvoicePublic]:
-    """Invoices newest first, ten to a page by default.
+    """Invoices newest first, ten to a page by default, filtered by any of status, customer
+    and creation time.
 
-    For deep scrolling through millions of invoices use `GET /invoices/scroll`, whose cost
-    does not grow with depth.
+    Page numbers reach `MAX_PAGE_OFFSET` invoices deep; to go deeper, or through millions of
+    invoices, use `GET /invoices/scroll`, whose cost does not grow with depth. With only a
+    status filter (or none) `total` is read from a counts table at no cost; with a customer
+    or a date range it is a count of the matching invoices, which grows with their number.
     """
-    return await list_page(session, invoice_status, params)
+    return await list_page(session, where, params)
 
 
 @app.get(
     "/invoices/scroll",
+    dependencies=[Authorized],
     tags=["invoices"],
     summary="Scroll through invoices with a cursor",
     response_model=InvoiceScrollPage,
@@ -307,13 +372,59 @@ async def list_invoices(
 )
 async def scroll_invoices(
     session: SessionDep,
-    invoice_status: InvoiceStatusQuery = None,
+    where: InvoiceFilterDep,
     size: Annotated[int, Query(ge=1, le=100, description="Invoices per slice")] = 10,
     cursor: Annotated[
         str | None,
         Query(max_length=200, description="`nextCursor` of the previous slice; omit to start"),
     ] = None,
 ) -> InvoiceScrollPage:
-    """Invoices newest first, slice by slice: the same order as `GET /invoices`, at a cost
-    that stays flat however deep you go."""
-    return await scroll(session, invoice_status, size, cursor)
+    """Invoices newest first, slice by slice: the same order and filters as `GET /invoices`
+    (send the same filters with every slice), at a cost that stays flat however deep you go."""
+    return await scroll(session, where, size, cursor)
+
+
+@app.post(
+    "/customer",
+    dependencies=[Authorized],
+    tags=["customers"],
+    summary="Create a customer",
+    response_model=CustomerPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={409: error("A customer already has this email"), **BAD_BODY, **DATABASE_DOWN},
+)
+async def create_new_customer(
+    request: Annotated[CustomerCreate, Body(openapi_examples=CUSTOMER_EXAMPLES)],
+    session: SessionDep,
+) -> CustomerPublic:
+    """A new customer, to create invoices for; the email is unique whatever its case."""
+    return await create_customer(session, request)
+
+
+@app.get(
+    "/customer/{customer_id}",
+    dependencies=[Authorized],
+    tags=["customers"],
+    summary="Read one customer",
+    response_model=CustomerPublic,
+    responses={404: error("No customer has this id"), **DATABASE_DOWN},
+)
+async def read_customer(
+    customer_id: Annotated[int, Path(ge=1, le=2_147_483_647, examples=[3])],
+    session: SessionDep,
+) -> CustomerPublic:
+    """One customer."""
+    return await get_customer_or_404(session, customer_id)
+
+
+@app.get(
+    "/customers",
+    dependencies=[Authorized],
+    tags=["customers"],
+    summary="List customers, page by page",
+    response_model=Page[CustomerPublic],
+    responses=DATABASE_DOWN,
+)
+async def list_all_customers(session: SessionDep, params: PageDep) -> Page[CustomerPublic]:
+    """Customers by id, ten to a page by default."""
+    return await list_customers(session, params)

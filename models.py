@@ -16,7 +16,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, SecretStr, field_serializer, field_validator
+from pydantic import ConfigDict, EmailStr, SecretStr, field_serializer, field_validator
 from pydantic import Field as PydanticField
 from pydantic.alias_generators import to_camel
 from sqlalchemy import CHAR, DECIMAL, BigInteger, SmallInteger, String, Text, text
@@ -45,6 +45,11 @@ class PaymentStatus(StrEnum):
     UNKNOWN = "UNKNOWN"  # request sent, no reply in time: it may have been charged
     ABANDONED = "ABANDONED"  # left PROCESSING by a crash, superseded by a later attempt
     REFUND_DUE = "REFUND_DUE"  # charged after being superseded: a second charge to refund
+
+
+class ApiKeyScope(StrEnum):
+    READ = "read"  # GET endpoints only
+    WRITE = "write"  # every endpoint
 
 
 def mask_card_number(number: str) -> str:
@@ -103,11 +108,37 @@ class CamelModel(SQLModel):
     )
 
 
-# The customer table; the API reads it but never writes it.
-class Customer(SQLModel, table=True):
-    customer_id: int | None = Field(default=None, primary_key=True)
-    customer_name: str = Field(max_length=100)
+# The customer fields a client sends; shared by the table, the create request and the response.
+class CustomerBase(CamelModel):
+    customer_name: str = Field(min_length=1, max_length=100)
     customer_email: str = Field(max_length=255)
+
+
+# The customer table; its email is unique whatever its case (a case-insensitive collation).
+class Customer(CustomerBase, table=True):
+    customer_id: int | None = Field(default=None, primary_key=True)
+    customer_email: str = Field(
+        max_length=255,
+        sa_type=VARCHAR(255, charset="utf8mb4", collation="utf8mb4_unicode_ci"),
+        unique=True,
+    )
+
+
+# The body of POST /customer: a name to show and an address a maintained validator accepts.
+class CustomerCreate(CustomerBase):
+    customer_email: EmailStr = Field(max_length=255)
+
+    @field_validator("customer_name")
+    @classmethod
+    def check_customer_name(cls, value: str) -> str:
+        if all(is_invisible(character) for character in value):
+            raise ValueError("customer name must not be blank")
+        return require_utf8(value.strip())
+
+
+# A customer as the API shows it.
+class CustomerPublic(CustomerBase):
+    customer_id: int
 
 
 # The invoice fields a client sends; shared by the table, the create request and the response.
@@ -191,6 +222,25 @@ class IdempotencyRecord(SQLModel, table=True):
         sa_column_kwargs={"server_default": text("CURRENT_TIMESTAMP(6)")},
     )
     expires_at: datetime = Field(sa_type=timestamp_column())
+
+
+# An API key: only the SHA-256 of its secret is kept, and a prefix to recognise it by.
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    scope: ApiKeyScope = Field(sa_type=String(5))
+    secret_hash: str = Field(max_length=64, sa_type=CHAR(64), unique=True)
+    prefix: str = Field(max_length=16)
+    created_at: datetime | None = Field(
+        default=None,
+        nullable=False,
+        sa_type=timestamp_column(),
+        sa_column_kwargs={"server_default": text("CURRENT_TIMESTAMP(6)")},
+    )
+    last_used_at: datetime | None = Field(default=None, sa_type=timestamp_column())
+    revoked_at: datetime | None = Field(default=None, sa_type=timestamp_column())
 
 
 # Exact invoice totals per status in shard rows, kept by triggers on invoice (sql/up.sql).
@@ -294,6 +344,21 @@ class InvoicePublic(InvoiceBase):
     def amount_as_number(self, amount: Decimal) -> float:
         # At most 12 significant digits, so the float's shortest repr is exactly the decimal.
         return float(amount)
+
+
+# One attempt to charge a card, as GET /invoice/{invoice_id}/payments shows it.
+class PaymentPublic(CamelModel):
+    payment_id: int
+    status: PaymentStatus
+    reason: str | None
+    card: MaskedCard
+    created_at: datetime
+    modified_at: datetime
+
+
+# GET /invoice/{invoice_id}/payments: every attempt, newest first.
+class PaymentHistory(CamelModel):
+    items: list[PaymentPublic]
 
 
 # One slice of GET /invoices/scroll: keyset pagination, as cheap at any depth as on page one.

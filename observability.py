@@ -5,6 +5,7 @@ card number the app ever formats is the masked one.
 """
 
 import logging
+import re
 import sys
 import time
 import uuid
@@ -17,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from settings import settings
 
 MAX_BODY_BYTES = 64 * 1024
+# A run of 12 or more digits in a path could be a card number someone put in a URL: never log it.
+CARD_LIKE = re.compile(r"\d(?:[ -]?\d){11,}")
 INTERNAL_ERROR = {"detail": "Internal server error; the request id is in the X-Request-ID header"}
 
 
@@ -96,7 +99,7 @@ class RequestContextMiddleware:
                 logger.info(
                     "{} {} {} {:.1f} ms",
                     scope["method"],
-                    scope["path"],
+                    CARD_LIKE.sub("[redacted]", scope["path"]),
                     status_code,
                     (time.perf_counter() - started) * 1000,
                 )

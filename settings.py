@@ -1,6 +1,7 @@
 """Configuration: `.env` at the project root, each value overridable by an environment variable."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,8 +45,21 @@ class Settings(BaseSettings):
         default=8, ge=1, description="provider calls in flight per process; more answer 503"
     )
 
+    max_page_offset: int = Field(
+        default=500_000,
+        ge=0,
+        description="deepest offset GET /invoices pages reach; deeper is a 422 pointing to "
+        "/invoices/scroll (chosen from BENCHMARKS.md: the deepest page within 250 ms)",
+    )
     idempotency_ttl_hours: int = Field(
         default=24, ge=1, description="hours an Idempotency-Key and its reply are kept"
+    )
+
+    auth: Literal["off", "on"] = Field(
+        default="off", description="on: every endpoint but the health check needs an API key"
+    )
+    allow_open: bool = Field(
+        default=False, description="let `make serve` listen beyond loopback with AUTH=off"
     )
 
     log_level: str = "INFO"

@@ -1,6 +1,7 @@
 """The local stack for `make`: the private database server and FakePay.
 
     python -m scripts.stack db-up | db-down | db-reset | fakepay-up | fakepay-down
+    python -m scripts.stack with-app COMMAND... | serve-guard HOST
 
 `db-up` reuses a server that already answers at DB_URL with the configured credentials (a
 docker-compose MySQL, say). Otherwise it runs a private MariaDB or MySQL 8 out of `.data/`,
@@ -37,7 +38,14 @@ ERROR_LOG = DATA / "mysql.err"
 FAKEPAY_PID_FILE = DATA / "fakepay.pid"
 FAKEPAY_LOG = DATA / "fakepay.log"
 READY_TIMEOUT_S = 30
-TABLES = {"customer", "invoice", "payment", "invoice_status_count", "idempotency_key"}
+TABLES = {
+    "customer",
+    "invoice",
+    "payment",
+    "invoice_status_count",
+    "idempotency_key",
+    "api_key",
+}
 
 INSTALL_HINT = """No MySQL-compatible server is installed and none answers at {address}.
 Install one, then run `make db-up` again:
@@ -280,13 +288,39 @@ def with_app(command: list[str]) -> int:
         raise SystemExit(f"the app did not start ({exc}); see {log_path}") from None
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def serve_guard(config: Settings, host: str) -> None:
+    """`make serve` beyond loopback must not expose card payments to anyone who can connect."""
+    if host in LOOPBACK or config.auth == "on" or config.allow_open:
+        return
+    print(
+        f"Refusing to serve on {host} with AUTH=off: anyone who can reach it could create "
+        "invoices and charge cards. Set AUTH=on and make keys with `make api-key`, or set "
+        "ALLOW_OPEN=true if something in front of the service already checks every caller.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "action",
-        choices=["db-up", "db-down", "db-reset", "fakepay-up", "fakepay-down", "with-app"],
+        choices=[
+            "db-up",
+            "db-down",
+            "db-reset",
+            "fakepay-up",
+            "fakepay-down",
+            "with-app",
+            "serve-guard",
+        ],
     )
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="with-app: what to run")
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="with-app: what to run; serve-guard: the host"
+    )
     arguments = parser.parse_args()
     action = arguments.action
     config = Settings()
@@ -302,6 +336,8 @@ def main() -> None:
         fakepay_up(config)
     elif action == "with-app":
         sys.exit(with_app(arguments.command))
+    elif action == "serve-guard":
+        serve_guard(config, arguments.command[0] if arguments.command else "127.0.0.1")
     else:
         stop_process(FAKEPAY_PID_FILE, "FakePay")
 

@@ -4,8 +4,10 @@
 CREATE TABLE customer (
     customer_id    INT          NOT NULL AUTO_INCREMENT,
     customer_name  VARCHAR(100) NOT NULL,
-    customer_email VARCHAR(255) NOT NULL,
-    PRIMARY KEY (customer_id)
+    -- case-insensitive, so the unique index refuses John@x.com beside john@x.com
+    customer_email VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci NOT NULL,
+    PRIMARY KEY (customer_id),
+    UNIQUE INDEX uq_customer_email (customer_email)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 
 CREATE TABLE invoice (
@@ -20,9 +22,12 @@ CREATE TABLE invoice (
     CONSTRAINT fk_invoice_customer FOREIGN KEY (customer_id) REFERENCES customer (customer_id),
     CONSTRAINT ck_invoice_amount CHECK (amount > 0),
     CONSTRAINT ck_invoice_status CHECK (invoice_status IN ('PENDING', 'PAID', 'CANCELLED')),
-    -- GET /invoices: newest first, with and without the status filter
+    -- GET /invoices: newest first, with and without the status filter, by date range, and
+    -- for one customer (also the foreign key's index)
     INDEX ix_invoice_created (created_at, id),
-    INDEX ix_invoice_status_created (invoice_status, created_at, id)
+    INDEX ix_invoice_status_created (invoice_status, created_at, id),
+    INDEX ix_invoice_customer_created (customer_id, created_at, id),
+    INDEX ix_invoice_customer_status_created (customer_id, invoice_status, created_at, id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 
 -- One row per attempt to charge a card for an invoice; never the full card number.
@@ -58,6 +63,22 @@ CREATE TABLE idempotency_key (
     expires_at      DATETIME(6)  NOT NULL,
     PRIMARY KEY (owner, idempotency_key),
     INDEX ix_idempotency_key_expires (expires_at)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+
+-- API keys (AUTH=on): the SHA-256 of each secret, never the secret; a prefix to recognise it.
+CREATE TABLE api_key (
+    id           INT          NOT NULL AUTO_INCREMENT,
+    name         VARCHAR(64)  NOT NULL,
+    scope        VARCHAR(5)   NOT NULL,
+    secret_hash  CHAR(64)     NOT NULL,
+    prefix       VARCHAR(16)  NOT NULL,
+    created_at   DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    last_used_at DATETIME(6)  NULL,
+    revoked_at   DATETIME(6)  NULL,
+    PRIMARY KEY (id),
+    UNIQUE INDEX uq_api_key_name (name),
+    UNIQUE INDEX uq_api_key_secret_hash (secret_hash),
+    CONSTRAINT ck_api_key_scope CHECK (scope IN ('read', 'write'))
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
 
 -- Exact invoice totals per status for GET /invoices without COUNT(*) over millions of rows.

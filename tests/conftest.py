@@ -118,3 +118,13 @@ def stand_in(use_provider: UseProvider) -> Iterator[StandInProvider]:
     with StandInProvider() as provider:
         use_provider(provider.url)
         yield provider
+
+
+@pytest.fixture(scope="session")
+def live_server_with_auth(
+    database: None, fakepay: FakePayProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The app as users run it with AUTH=on."""
+    log_path = tmp_path_factory.mktemp("live") / "app-auth.log"
+    with running_app(log_path, env={"AUTH": "on"}) as server:
+        yield server.url

@@ -132,3 +132,14 @@ def test_an_unexpected_error_is_a_json_500_with_its_request_id_logged(
     errors = [r for r in logged if r["extra"]["request_id"] == request_id]
     assert any(r["level"]["name"] == "ERROR" and r["message"] == "unhandled error" for r in errors)
     assert any(r["message"].startswith(f"POST /invoice/pay/{CANCELLED_ID} 500") for r in errors)
+
+
+def test_a_card_number_in_a_url_is_not_logged(client: TestClient, app_log: Path) -> None:
+    """Paths are logged; a client that puts a card number in one must not leave it there."""
+    client.get("/invoice/4111 1111 1111 1111")
+    client.get("/customer/0.4111111111111111")
+
+    logged = app_log.read_text()
+    assert "4111111111111111" not in logged
+    assert "4111 1111 1111 1111" not in logged
+    assert "/customer/0.[redacted]" in logged

@@ -61,3 +61,34 @@ def test_invoice_has_indexes_for_newest_first_listing() -> None:
 
     assert indexes["ix_invoice_created"] == ["created_at", "id"]
     assert indexes["ix_invoice_status_created"] == ["invoice_status", "created_at", "id"]
+
+
+def test_invoice_has_an_index_for_each_customer_filter_order() -> None:
+    indexes = {
+        index["name"]: index["column_names"]
+        for index in inspect(direct_engine).get_indexes("invoice")
+    }
+
+    assert indexes["ix_invoice_customer_created"] == ["customer_id", "created_at", "id"]
+    assert indexes["ix_invoice_customer_status_created"] == [
+        "customer_id",
+        "invoice_status",
+        "created_at",
+        "id",
+    ]
+
+
+def test_customer_email_is_unique_whatever_its_case() -> None:
+    (index,) = [
+        index
+        for index in inspect(direct_engine).get_indexes("customer")
+        if index["column_names"] == ["customer_email"]
+    ]
+    (email,) = [
+        column
+        for column in inspect(direct_engine).get_columns("customer")
+        if column["name"] == "customer_email"
+    ]
+
+    assert index["unique"]
+    assert type_name(email["type"]).endswith("_CI")

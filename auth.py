@@ -1,0 +1,181 @@
+"""API keys: who may call, with a `read` or `write` scope. Off unless `AUTH=on`.
+
+A key's secret (`inv_` and 32 random bytes, URL-safe) is shown once when it is made and
+stored only as its SHA-256. Checking a key costs no database round trip: the keys live in an
+in-process table that a request finding it `RELOAD_EVERY_S` old reloads in the background, so
+a revoked key stops working within seconds without a restart, and `last_used_at` is written
+at most once a minute per key.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from loguru import logger
+from sqlalchemy import update
+from sqlmodel import col, func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from db import DATABASE_UNREACHABLE, engine
+from models import ApiKey, ApiKeyScope
+from settings import settings
+
+SECRET_PREFIX = "inv_"  # noqa: S105  (a marker for humans and secret scanners, not a secret)
+RELOAD_EVERY_S = 2.0  # well inside the 5 s a revocation may take
+UNKNOWN_RELOAD_S = 0.5
+LAST_USED_EVERY_S = 60.0
+READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def display_prefix(secret: str) -> str:
+    """Enough of a secret to tell keys apart in a list, far too little to use."""
+    return secret[: len(SECRET_PREFIX) + 6]
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    id: int
+    name: str
+    scope: ApiKeyScope
+    secret_hash: str
+
+
+@dataclass
+class KeyTable:
+    """The active keys by secret hash, as of the last reload."""
+
+    by_hash: dict[str, KnownKey] = field(default_factory=dict)
+    loaded_at: float | None = None
+    reloading: bool = False
+    lock: asyncio.Lock | None = None
+    last_used_written: dict[int, float] = field(default_factory=dict)
+
+    async def reload(self) -> None:
+        async with AsyncSession(engine) as session:
+            rows = await session.exec(select(ApiKey).where(col(ApiKey.revoked_at).is_(None)))
+            keys = [
+                KnownKey(row.id or 0, row.name, ApiKeyScope(row.scope), row.secret_hash)
+                for row in rows
+            ]
+        self.by_hash = {key.secret_hash: key for key in keys}
+        self.loaded_at = time.monotonic()
+
+    async def fresh(self) -> None:
+        """Load the keys on first use; after that, reload them in the background once they
+        are `RELOAD_EVERY_S` old, while requests go on with the table they have."""
+        if self.loaded_at is None:
+            await self.reload()
+        elif time.monotonic() - self.loaded_at > RELOAD_EVERY_S and not self.reloading:
+            self.reloading = True
+            run_in_background(self.reload_quietly())
+
+    async def reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except DATABASE_UNREACHABLE:
+            logger.warning("reloading API keys failed; keeping the last known ones")
+        finally:
+            self.reloading = False
+
+    async def find_or_reload(self, secret: str) -> KnownKey | None:
+        """A key made a moment ago works at once: an unknown secret reloads the table first,
+        at most every `UNKNOWN_RELOAD_S` (so unknown secrets cannot flood the database)."""
+        key = self.find(secret)
+        if key is not None:
+            return key
+        self.lock = self.lock or asyncio.Lock()
+        async with self.lock:
+            if self.loaded_at is None or time.monotonic() - self.loaded_at > UNKNOWN_RELOAD_S:
+                await self.reload()
+        return self.find(secret)
+
+    def find(self, secret: str) -> KnownKey | None:
+        digest = secret_hash(secret)
+        key = self.by_hash.get(digest)
+        if key is None or not hmac.compare_digest(key.secret_hash, digest):
+            return None
+        return key
+
+    def note_use(self, key: KnownKey) -> None:
+        """Record the use in the background, once a minute per key at most."""
+        now = time.monotonic()
+        if now - self.last_used_written.get(key.id, -LAST_USED_EVERY_S) < LAST_USED_EVERY_S:
+            return
+        self.last_used_written[key.id] = now
+        run_in_background(write_last_used(key.id))
+
+
+BACKGROUND: set[asyncio.Task[None]] = set()  # strong references until each task is done
+
+
+def run_in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    BACKGROUND.add(task)
+    task.add_done_callback(BACKGROUND.discard)
+
+
+keys = KeyTable()
+
+
+async def write_last_used(key_id: int) -> None:
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            await session.exec(
+                update(ApiKey).where(col(ApiKey.id) == key_id).values(last_used_at=func.now(6))
+            )
+    except DATABASE_UNREACHABLE:
+        logger.warning("could not record the use of API key {}", key_id)
+
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key from `make api-key NAME=... SCOPE=read|write`, sent as "
+    "`Authorization: Bearer <secret>`. Needed only when the service runs with AUTH=on.",
+)
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+async def authorize(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> KnownKey | None:
+    """With AUTH=on: a known, unrevoked key; `read` keys for GET only. Off: nobody is asked."""
+    if settings.auth == "off":
+        return None
+    if credentials is None:
+        raise unauthorized("An API key is needed: send Authorization: Bearer <secret>")
+    await keys.fresh()
+    key = await keys.find_or_reload(credentials.credentials)
+    if key is None:
+        raise unauthorized("This API key is unknown or revoked")
+    if key.scope == ApiKeyScope.READ and request.method not in READ_METHODS:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"API key {key.name} may only read; {request.method} needs a write key",
+        )
+    keys.note_use(key)
+    request.state.api_key = key
+    return key
+
+
+Authorized = Depends(authorize)

@@ -1,0 +1,49 @@
+"""Customers: create one, read one, list them page by page."""
+
+from fastapi import HTTPException, status
+from fastapi_pagination import Page, Params, create_page
+from loguru import logger
+from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from models import Customer, CustomerCreate, CustomerPublic
+
+DUPLICATE_KEY = 1062
+
+
+async def create_customer(session: AsyncSession, request: CustomerCreate) -> CustomerPublic:
+    """Insert a customer; an email already taken, in any letter case, is a 409 (the unique
+    index decides, so two concurrent creates cannot both win)."""
+    customer = Customer(customer_name=request.customer_name, customer_email=request.customer_email)
+    session.add(customer)
+    try:
+        await session.commit()
+    except IntegrityError as error:
+        if getattr(error.orig, "args", (None,))[0] != DUPLICATE_KEY:
+            raise
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"A customer with the email {request.customer_email} already exists",
+        ) from None
+    logger.info("customer {} created", customer.customer_id)
+    return CustomerPublic.model_validate(customer.model_dump())
+
+
+async def get_customer_or_404(session: AsyncSession, customer_id: int) -> CustomerPublic:
+    customer = await session.get(Customer, customer_id)
+    if customer is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Customer {customer_id} not found")
+    return CustomerPublic.model_validate(customer.model_dump())
+
+
+async def list_customers(session: AsyncSession, params: Params) -> Page[CustomerPublic]:
+    """By customerId; a customer list is small next to invoices, so COUNT(*) is fine."""
+    raw = params.to_raw_params().as_limit_offset()
+    total = (await session.exec(select(func.count()).select_from(Customer))).one()
+    rows = await session.exec(
+        select(Customer).order_by(col(Customer.customer_id)).offset(raw.offset).limit(raw.limit)
+    )
+    items = [CustomerPublic.model_validate(customer.model_dump()) for customer in rows]
+    return create_page(items, total=total, params=params)  # type: ignore[return-value]
