@@ -21,13 +21,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from models import encode_cursor
+from models import ApiKeyScope, encode_cursor
+from scripts.api_keys import create as create_api_key
 from scripts.processes import running_app, running_fakepay
 from scripts.schema import admin_connection, apply_script, create_database
 from scripts.seed import seed
@@ -123,9 +124,10 @@ def get_script(path: str) -> str:
     return f'wrk.method = "GET"\nwrk.path = "{path}"\n'
 
 
-def ids_script(ids: list[str]) -> str:
+def ids_script(ids: list[str], headers: dict[str, str] | None = None) -> str:
     quoted = ",".join(f'"{invoice_id}"' for invoice_id in ids)
-    return (
+    header_lines = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+    return header_lines + (
         f"local ids = {{{quoted}}}\nlocal i = 0\n"
         "request = function()\n  i = i % #ids + 1\n"
         '  return wrk.format("GET", "/invoice/" .. ids[i])\nend\n'
@@ -157,7 +159,7 @@ def measure(
         for name in order:
             run_script = script() if callable(script) else script
             samples[name].append(wrk.run(targets[name], run_script, connections))
-    results = []
+    results: list[Measurement] = []
     for name, runs in samples.items():
         results.append(
             Measurement(
@@ -334,7 +336,25 @@ def main() -> None:
                 )
             for name, running in servers.items():
                 rss[name] = peak_rss_mib(running.process)
-            measurements.append(timed_deep_page(app_url, max(1, args.rows // 20), args.rounds))
+            measurements += filtered_pages(wrk, app_url, config, args.rounds)
+            deepest = Settings().max_page_offset // 10 + 1  # its offset is MAX_PAGE_OFFSET
+            for label, query in (("", ""), (", PENDING", "&invoiceStatus=PENDING")):
+                path = f"/invoices?page={deepest}{query}"
+                measurements.append(
+                    timed_get(app_url, path, f"GET /invoices deepest page{label}", args.rounds)
+                )
+
+        # AUTH=on beside AUTH=off: the key check must cost no database round trip.
+        secret = create_api_key(config, f"bench-{uuid.uuid4().hex[:8]}", ApiKeyScope.READ)
+        keyed = wrk.script("read_keyed", ids_script(ids, {"Authorization": f"Bearer {secret}"}))
+        with (
+            running_app(workdir / "off.log", {**env, "AUTH": "off"}) as auth_off,
+            running_app(workdir / "on.log", {**env, "AUTH": "on"}) as auth_on,
+        ):
+            for target, url in (("app, AUTH=off", auth_off.url), ("app, AUTH=on", auth_on.url)):
+                measurements += measure(
+                    wrk, {target: url}, "GET /invoice/{id} (bearer key)", keyed, 32, args.rounds
+                )
 
         with running_app(workdir / "app2.log", env, workers=2) as app2:
             time.sleep(2)  # both workers up
@@ -346,25 +366,42 @@ def main() -> None:
     report(measurements, rss, seed_rate, args)
 
 
-def timed_deep_page(url: str, page: int, rounds: int) -> Measurement:
-    """A page number halfway down the list: each request alone, timed, as wrk's clients would
-    give up on it long before it answers at millions of rows."""
+def timed_get(url: str, path: str, endpoint: str, rounds: int) -> Measurement:
+    """One request at a time, timed: for pages too slow to load with wrk's clients."""
     seconds, errors = [], 0
     for _ in range(rounds):
         started = time.perf_counter()
-        response = httpx.get(f"{url}/invoices", params={"page": page}, timeout=300)
+        response = httpx.get(f"{url}{path}", timeout=300)
         seconds.append(time.perf_counter() - started)
         errors += response.status_code != httpx.codes.OK
     median = statistics.median(seconds)
-    return Measurement(
-        "app",
-        f"GET /invoices?page={page}",
-        1,
-        1 / median,
-        median * 1000,
-        max(seconds) * 1000,
-        errors,
-    )
+    return Measurement("app", endpoint, 1, 1 / median, median * 1000, max(seconds) * 1000, errors)
+
+
+def filtered_pages(wrk: Wrk, url: str, config: Settings, rounds: int) -> list[Measurement]:
+    """Page 1, with its exact total, for one customer and for one day (the middle one)."""
+    with admin_connection(config, config.db_name) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT customer_id FROM invoice GROUP BY customer_id ORDER BY COUNT(*) DESC LIMIT 1"
+        )
+        (customer_id,) = cursor.fetchone() or (1,)
+        cursor.execute(
+            "SELECT DATE(FROM_UNIXTIME("
+            "(UNIX_TIMESTAMP(MIN(created_at)) + UNIX_TIMESTAMP(MAX(created_at))) / 2)) FROM invoice"
+        )
+        (day,) = cursor.fetchone() or (datetime.now(UTC).date(),)
+    next_day = day + timedelta(days=1)
+    results: list[Measurement] = []
+    for endpoint, path in (
+        ("GET /invoices?customerId= (busiest customer)", f"/invoices?customerId={customer_id}"),
+        (
+            "GET /invoices?createdFrom=&createdTo= (one day)",
+            f"/invoices?createdFrom={day}&createdTo={next_day}",
+        ),
+    ):
+        script = wrk.script(f"filter{len(results)}", get_script(path))
+        results += measure(wrk, {"app": url}, endpoint, script, 1, rounds)
+    return results
 
 
 def find(measurements: list[Measurement], target: str, endpoint: str, c: int) -> Measurement:
@@ -414,6 +451,9 @@ def report(
         "read, 2 workers vs 1-worker async baseline, c=32": versus("app, 2 workers", read, 32),
         "pay flow vs minimal async, c=1": versus("app", PAY_FLOW, 1),
         "pay flow vs minimal async, c=8": versus("app", PAY_FLOW, 8),
+        "read with AUTH=on vs AUTH=off, c=32": versus(
+            "app, AUTH=on", "GET /invoice/{id} (bearer key)", 32, "app, AUTH=off"
+        ),
         "pay flow vs FakePay alone, c=8": find(
             measurements, "app", "POST /invoice with card", 8
         ).req_per_s
