@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     )
 
     max_page_offset: int = Field(
-        default=500_000,
+        default=200_000,
         ge=0,
         description="deepest offset GET /invoices pages reach; deeper is a 422 pointing to "
         "/invoices/scroll (chosen from BENCHMARKS.md: the deepest page within 250 ms)",
