@@ -1,4 +1,8 @@
-"""Invoice API: create invoices, pay them by card through FakePay, list them in pages."""
+"""Invoice API: create invoices, pay them by card through FakePay, list them in pages.
+
+The app and its lifespan, then every route, then the status code of every failure
+(`add_exception_handlers`). The work itself is in invoices.py, payments.py and customers.py.
+"""
 
 import asyncio
 import uuid
@@ -97,84 +101,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await fakepay.aclose()
 
 
-PAYMENT_ERROR_STATUS: dict[type[PaymentError], int] = {
-    InvoiceNotFoundError: status.HTTP_404_NOT_FOUND,
-    InvoiceNotPayableError: status.HTTP_409_CONFLICT,
-    PaymentInProgressError: status.HTTP_409_CONFLICT,
-    ChargedAfterSupersededError: status.HTTP_409_CONFLICT,
-    PaymentDeclinedError: status.HTTP_402_PAYMENT_REQUIRED,
-    ProviderUnavailableError: status.HTTP_502_BAD_GATEWAY,
-    ProviderBusyError: status.HTTP_503_SERVICE_UNAVAILABLE,
-    PaymentNotStartedError: status.HTTP_503_SERVICE_UNAVAILABLE,
-    OutcomeNotRecordedError: status.HTTP_503_SERVICE_UNAVAILABLE,
-    ProviderTimeoutError: status.HTTP_504_GATEWAY_TIMEOUT,
-}
-RETRY_AFTER_S: dict[type[Exception], str] = {
-    ProviderBusyError: "1",
-    PaymentNotStartedError: "5",
-    IdempotencyKeyInUseError: "1",
-}
-
-
-async def payment_error_handler(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, PaymentError)
-    code = PAYMENT_ERROR_STATUS[type(error)]
-    if code >= 500:
-        logger.warning("payment failed with {}: {}", code, error.message)
-    return error_reply(code, error.message, error)
-
-
-async def idempotency_error_handler(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, IdempotencyError)
-    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
-
-
-async def invoice_conflict_handler(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, InvoiceConflictError)
-    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
-
-
-def error_reply(code: int, detail: str, error: Exception) -> JSONResponse:
-    retry_after = RETRY_AFTER_S.get(type(error))
-    headers = {"Retry-After": retry_after} if retry_after else None
-    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
-
-
-async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
-    logger.error("database unavailable: {}: {}", type(error).__name__, getattr(error, "orig", ""))
-    return JSONResponse(
-        {"detail": "The database is unavailable or did not answer in time; try again shortly"},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "5"},
-    )
-
-
-async def validation_error_handler(request: Request, error: Exception) -> JSONResponse:
-    """FastAPI's 422 body without the `input` it normally echoes, which may be a card number."""
-    assert isinstance(error, RequestValidationError)
-    detail = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "json_invalid":
-            message = f"Invalid JSON: {item.get('ctx', {}).get('error', 'cannot be parsed')}"
-        detail.append({"type": item["type"], "loc": list(item["loc"]), "msg": message})
-    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-
-def add_exception_handlers(app: FastAPI) -> None:
-    """Every domain outcome that is not a success, and its status code, in one place.
-
-    `HTTPException` (404 for an unknown id) keeps FastAPI's own handler; an error nothing here
-    expects becomes a 500 in `RequestContextMiddleware`, which logs it with the request id.
-    """
-    app.add_exception_handler(PaymentError, payment_error_handler)
-    app.add_exception_handler(IdempotencyError, idempotency_error_handler)
-    app.add_exception_handler(InvoiceConflictError, invoice_conflict_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
-    for unreachable in DATABASE_UNREACHABLE:
-        app.add_exception_handler(unreachable, database_unavailable_handler)
-
-
 # FastAPIOffline serves Swagger UI and ReDoc from pinned, packaged assets instead of a CDN,
 # so /docs works on machines without internet access.
 app = FastAPIOffline(
@@ -188,8 +114,8 @@ app = FastAPIOffline(
 app.router.route_class = ExactJSONRoute
 app.add_middleware(IdempotencyMiddleware)
 app.add_middleware(RequestContextMiddleware)  # the outermost: every reply gets its request id
-add_exception_handlers(app)
 api_docs.document_validation_errors(app)
+# The status code of every failure: `add_exception_handlers`, at the end of this file.
 
 
 PageDep = Annotated[Params, Depends(page_params)]
@@ -428,3 +354,87 @@ async def read_customer(
 async def list_all_customers(session: SessionDep, params: PageDep) -> Page[CustomerPublic]:
     """Customers by id, ten to a page by default."""
     return await list_customers(session, params)
+
+
+# --- every outcome that is not a success, and its status code ---------------------------
+
+
+PAYMENT_ERROR_STATUS: dict[type[PaymentError], int] = {
+    InvoiceNotFoundError: status.HTTP_404_NOT_FOUND,
+    InvoiceNotPayableError: status.HTTP_409_CONFLICT,
+    PaymentInProgressError: status.HTTP_409_CONFLICT,
+    ChargedAfterSupersededError: status.HTTP_409_CONFLICT,
+    PaymentDeclinedError: status.HTTP_402_PAYMENT_REQUIRED,
+    ProviderUnavailableError: status.HTTP_502_BAD_GATEWAY,
+    ProviderBusyError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    PaymentNotStartedError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    OutcomeNotRecordedError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    ProviderTimeoutError: status.HTTP_504_GATEWAY_TIMEOUT,
+}
+RETRY_AFTER_S: dict[type[Exception], str] = {
+    ProviderBusyError: "1",
+    PaymentNotStartedError: "5",
+    IdempotencyKeyInUseError: "1",
+}
+
+
+async def payment_error_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, PaymentError)
+    code = PAYMENT_ERROR_STATUS[type(error)]
+    if code >= 500:
+        logger.warning("payment failed with {}: {}", code, error.message)
+    return error_reply(code, error.message, error)
+
+
+async def idempotency_error_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, IdempotencyError)
+    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
+
+
+async def invoice_conflict_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, InvoiceConflictError)
+    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
+
+
+def error_reply(code: int, detail: str, error: Exception) -> JSONResponse:
+    retry_after = RETRY_AFTER_S.get(type(error))
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+
+
+async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
+    logger.error("database unavailable: {}: {}", type(error).__name__, getattr(error, "orig", ""))
+    return JSONResponse(
+        {"detail": "The database is unavailable or did not answer in time; try again shortly"},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
+    )
+
+
+async def validation_error_handler(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's 422 body without the `input` it normally echoes, which may be a card number."""
+    assert isinstance(error, RequestValidationError)
+    detail = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "json_invalid":
+            message = f"Invalid JSON: {item.get('ctx', {}).get('error', 'cannot be parsed')}"
+        detail.append({"type": item["type"], "loc": list(item["loc"]), "msg": message})
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    """Every domain outcome that is not a success, and its status code, in one place.
+
+    `HTTPException` (404 for an unknown id) keeps FastAPI's own handler; an error nothing here
+    expects becomes a 500 in `RequestContextMiddleware`, which logs it with the request id.
+    """
+    app.add_exception_handler(PaymentError, payment_error_handler)
+    app.add_exception_handler(IdempotencyError, idempotency_error_handler)
+    app.add_exception_handler(InvoiceConflictError, invoice_conflict_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    for unreachable in DATABASE_UNREACHABLE:
+        app.add_exception_handler(unreachable, database_unavailable_handler)
+
+
+add_exception_handlers(app)
