@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlmodel import Session, col, select
 
 import settings as app_settings
@@ -72,6 +72,20 @@ def attempts(invoice_id: str) -> list[tuple[str, str | None]]:
             .order_by(col(Payment.id))
         ).all()
     return [(status, reason) for status, reason in rows]
+
+
+def insert_attempt(invoice_id: str, status: str = "PROCESSING", age_s: int = 0) -> None:
+    """A payment attempt written straight into the table, as a crashed or stalled request
+    would have left it, `age_s` seconds old."""
+    with direct_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO payment (invoice_id, card_number, card_name, card_expiry, "
+                "payment_status, created_at) VALUES (:id, '123456********5678', 'Crash', "
+                "'01-2040', :status, NOW(6) - INTERVAL :age SECOND)"
+            ),
+            {"id": invoice_id, "status": status, "age": age_s},
+        )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from collections import Counter
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
 
 from scripts.processes import Running
 from tests.stand_in import StandInProvider
@@ -17,7 +16,7 @@ from tests.support import (
     WORK_CARD,
     FakePayProcess,
     create_pending_invoice,
-    direct_engine,
+    insert_attempt,
 )
 
 
@@ -57,17 +56,6 @@ def test_cancel_paid_invoice_is_409(client: TestClient, seeded_database: None) -
     assert response.json() == {
         "detail": f"Invoice {SEEDED_PAID} is PAID; a paid invoice cannot be cancelled"
     }
-
-
-def insert_attempt(invoice_id: str, status: str) -> None:
-    with direct_engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO payment (invoice_id, card_number, card_name, card_expiry, "
-                "payment_status) VALUES (:id, '123456********5678', 'J Doe', '01-2040', :status)"
-            ),
-            {"id": invoice_id, "status": status},
-        )
 
 
 @pytest.mark.parametrize(

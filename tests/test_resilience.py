@@ -21,6 +21,7 @@ from tests.support import (
     attempts,
     create_pending_invoice,
     direct_engine,
+    insert_attempt,
     settings,
 )
 from tests.tcp_proxy import TcpProxy
@@ -77,18 +78,6 @@ def test_concurrent_pays_of_one_invoice_charge_once(
         f"A payment for invoice {invoice_id} is already in progress; "
         "check the invoice before paying again",
     }
-
-
-def insert_attempt(invoice_id: str, age_s: int) -> None:
-    with Session(direct_engine) as session:
-        session.exec(  # type: ignore[call-overload]
-            text(
-                "INSERT INTO payment (invoice_id, card_number, card_name, card_expiry, "
-                "payment_status, created_at) VALUES (:id, '123456********5678', 'Crash', "
-                "'01-2040', 'PROCESSING', NOW(6) - INTERVAL :age SECOND)"
-            ).bindparams(id=invoice_id, age=age_s)
-        )
-        session.commit()
 
 
 def attempt_statuses(invoice_id: str) -> list[str]:
