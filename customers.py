@@ -8,9 +8,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from db import is_duplicate_key
 from models import Customer, CustomerCreate, CustomerPublic
-
-DUPLICATE_KEY = 1062
 
 
 async def create_customer(session: AsyncSession, request: CustomerCreate) -> CustomerPublic:
@@ -21,7 +20,7 @@ async def create_customer(session: AsyncSession, request: CustomerCreate) -> Cus
     try:
         await session.commit()
     except IntegrityError as error:
-        if getattr(error.orig, "args", (None,))[0] != DUPLICATE_KEY:
+        if not is_duplicate_key(error):
             raise
         raise HTTPException(
             status.HTTP_409_CONFLICT,

@@ -123,3 +123,9 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 # What a query raises when the server is down, unreachable, too slow, or the pool is empty.
 DATABASE_UNREACHABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+DUPLICATE_KEY = 1062  # MySQL's ER_DUP_ENTRY
+
+
+def is_duplicate_key(error: sa_exc.IntegrityError) -> bool:
+    """Whether an insert failed on a unique key (not on a foreign key or a CHECK)."""
+    return getattr(error.orig, "args", (None,))[0] == DUPLICATE_KEY

@@ -21,6 +21,8 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -36,13 +38,12 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from db import DATABASE_UNREACHABLE, engine
+from db import DATABASE_UNREACHABLE, engine, is_duplicate_key
 from models import Card, IdempotencyRecord, InvoiceCreate
 from settings import settings
 
 HEADER = "Idempotency-Key"
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
-DUPLICATE_KEY = 1062
 STATE_KEY = "idempotency"
 
 
@@ -157,11 +158,17 @@ class IdempotentRequest:
             )
         )
 
-    def taken_by_twin(self, error: IntegrityError) -> bool:
-        """Whether a commit that reserved this key failed on it: a twin request holds it.
-        (The other rows such a commit inserts have generated keys, which cannot collide.)"""
-        code = getattr(error.orig, "args", (None,))[0]
-        return self.key is not None and not self.reserved and code == DUPLICATE_KEY
+    @contextmanager
+    def twin_refused(self) -> Iterator[None]:
+        """Around the commit of a transaction that reserved this key: failing on the key's
+        row means a twin request holds it, and is `IdempotencyKeyInUseError`. (The other rows
+        such a commit inserts have generated keys, which cannot collide.)"""
+        try:
+            yield
+        except IntegrityError as error:
+            if self.key is not None and not self.reserved and is_duplicate_key(error):
+                raise IdempotencyKeyInUseError() from None
+            raise
 
     async def finish(self, status_code: int, body: bytes) -> None:
         """Store the reply under the key, or drop the key if the request changed nothing."""

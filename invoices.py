@@ -17,13 +17,12 @@ from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from pydantic import BeforeValidator
 from sqlalchemy import ColumnElement, Integer, Row, bindparam, func
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import Subquery
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
-from idempotency import IdempotencyKeyInUseError, IdempotentRequest
+from idempotency import IdempotentRequest
 from models import (
     Customer,
     Invoice,
@@ -125,8 +124,19 @@ def public_invoice(
 async def get_invoice_or_404(session: AsyncSession, invoice_id: uuid.UUID) -> InvoicePublic:
     rows = await fetch(session, READ_INVOICE, {"invoice_id": str(invoice_id)})
     if not rows:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {invoice_id} not found")
+        raise invoice_not_found(str(invoice_id))
     return to_public(rows[0])
+
+
+def invoice_not_found(invoice_id: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {invoice_id} not found")
+
+
+async def lock_invoice(session: AsyncSession, invoice_id: str) -> Invoice | None:
+    """The invoice row, locked until the transaction ends: the one lock that orders a claim,
+    a settle and a cancel of the same invoice (the customer row is never locked)."""
+    locked = await session.exec(select(Invoice).where(Invoice.id == invoice_id).with_for_update())
+    return locked.first()
 
 
 NEWEST_FIRST = (col(Invoice.created_at).desc(), col(Invoice.id).desc())
@@ -313,12 +323,8 @@ async def create_pending_invoice(
     )
     session.add(invoice)
     idempotency.reserve(session, invoice.id)
-    try:
+    with idempotency.twin_refused():
         await session.commit()
-    except IntegrityError as error:
-        if idempotency.taken_by_twin(error):
-            raise IdempotencyKeyInUseError() from None
-        raise
     idempotency.reserved = idempotency.changed = True
     logger.info(
         "invoice {} created for customer {}: {}", invoice.id, customer.customer_id, invoice.amount
@@ -395,12 +401,11 @@ async def cancel_invoice(
     so a cancel and a pay of one invoice never both succeed. Cancelling again changes nothing."""
     key = str(invoice_id)
     cancelled_now = False
-    try:
+    with idempotency.twin_refused():
         async with session.begin():
-            locked = await session.exec(select(Invoice).where(Invoice.id == key).with_for_update())
-            invoice = locked.first()
+            invoice = await lock_invoice(session, key)
             if invoice is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {key} not found")
+                raise invoice_not_found(key)
             if invoice.invoice_status == InvoiceStatus.PAID:
                 raise InvoiceConflictError(
                     f"Invoice {key} is PAID; a paid invoice cannot be cancelled"
@@ -410,10 +415,6 @@ async def cancel_invoice(
                 invoice.invoice_status = InvoiceStatus.CANCELLED
                 idempotency.reserve(session, key)
                 cancelled_now = True
-    except IntegrityError as error:
-        if idempotency.taken_by_twin(error):
-            raise IdempotencyKeyInUseError() from None
-        raise
     if cancelled_now:
         idempotency.reserved = idempotency.changed = True
         logger.info("invoice {} cancelled", key)
@@ -453,7 +454,7 @@ async def payment_history(session: AsyncSession, invoice_id: uuid.UUID) -> Payme
     """Every attempt to charge a card for the invoice, newest first, masked cards only."""
     key = str(invoice_id)
     if await session.get(Invoice, key) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {key} not found")
+        raise invoice_not_found(key)
     attempts = await session.exec(
         select(Payment).where(Payment.invoice_id == key).order_by(col(Payment.id).desc())
     )

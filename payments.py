@@ -34,12 +34,12 @@ from loguru import logger
 from pydantic import SecretStr, field_serializer
 from sqlalchemy import ColumnElement, literal_column, update
 from sqlalchemy.dialects.mysql import DATETIME
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from db import DATABASE_UNREACHABLE
-from idempotency import IdempotencyKeyInUseError, IdempotentRequest
+from idempotency import IdempotentRequest
+from invoices import lock_invoice
 from models import (
     CamelModel,
     Card,
@@ -292,33 +292,8 @@ async def claim(
     """Lock the invoice row (its customer is only read), check it can be paid, record a
     PROCESSING attempt, and reserve the request's Idempotency-Key with it."""
     try:
-        async with session.begin():
-            locked = await session.exec(
-                select(Invoice).where(Invoice.id == invoice_id).with_for_update()
-            )
-            invoice = locked.first()
-            if invoice is None:
-                raise InvoiceNotFoundError(invoice_id)
-            if invoice.invoice_status != InvoiceStatus.PENDING:
-                raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
-            await supersede_stalled_attempts(session, invoice_id, stale_after_s)
-            customer = await session.get(Customer, invoice.customer_id)
-            assert customer is not None  # a foreign key guarantees it
-            payment = Payment(
-                invoice_id=invoice_id,
-                card_number=masked.number,
-                card_name=masked.name,
-                card_expiry=masked.expiry,
-            )
-            session.add(payment)
-            idempotency.reserve(session, invoice_id)
-            await session.flush()
-            assert payment.id is not None
-            claimed = ClaimedInvoice(invoice, customer, payment.id)
-    except IntegrityError as error:
-        if idempotency.taken_by_twin(error):
-            raise IdempotencyKeyInUseError() from None
-        raise
+        with idempotency.twin_refused():
+            claimed = await record_attempt(session, invoice_id, masked, stale_after_s, idempotency)
     except DATABASE_UNREACHABLE:
         raise PaymentNotStartedError(invoice_id) from None
     idempotency.reserved = True
@@ -326,6 +301,36 @@ async def claim(
     # send their next attribute read to a database that may be down.
     session.expunge_all()
     return claimed
+
+
+async def record_attempt(
+    session: AsyncSession,
+    invoice_id: str,
+    masked: MaskedCard,
+    stale_after_s: int,
+    idempotency: IdempotentRequest,
+) -> ClaimedInvoice:
+    """The claim's one transaction, ended by its commit."""
+    async with session.begin():
+        invoice = await lock_invoice(session, invoice_id)
+        if invoice is None:
+            raise InvoiceNotFoundError(invoice_id)
+        if invoice.invoice_status != InvoiceStatus.PENDING:
+            raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
+        await supersede_stalled_attempts(session, invoice_id, stale_after_s)
+        customer = await session.get(Customer, invoice.customer_id)
+        assert customer is not None  # a foreign key guarantees it
+        payment = Payment(
+            invoice_id=invoice_id,
+            card_number=masked.number,
+            card_name=masked.name,
+            card_expiry=masked.expiry,
+        )
+        session.add(payment)
+        idempotency.reserve(session, invoice_id)
+        await session.flush()
+        assert payment.id is not None
+        return ClaimedInvoice(invoice, customer, payment.id)
 
 
 async def supersede_stalled_attempts(
