@@ -23,10 +23,13 @@ class ExactJSONRequest(Request):
 
 
 class ExactJSONRoute(APIRoute):
-    """Every route of the app reads its JSON body through `ExactJSONRequest`."""
+    """Every route of the app that takes a body reads it through `ExactJSONRequest`; the
+    others (every GET) keep FastAPI's handler as it is, with no wrapper on their hot path."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
 
         async def exact_json_handler(request: Request) -> Response:
             return await handler(ExactJSONRequest(request.scope, request.receive))

@@ -28,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from loguru import logger
 from pydantic import BaseModel
@@ -38,6 +37,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_docs import invalid
 from db import DATABASE_UNREACHABLE, engine, is_duplicate_key
 from models import Card, IdempotencyRecord, InvoiceCreate
 from settings import settings
@@ -73,19 +73,6 @@ class IdempotentRequestUnfinishedError(IdempotencyError):
 def now() -> datetime:
     """UTC without a zone, as the database's DATETIME columns hold it (sessions run in UTC)."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def key_reused_error() -> RequestValidationError:
-    return RequestValidationError(
-        [
-            {
-                "type": "idempotency_key_reused",
-                "loc": ("header", HEADER),
-                "msg": f"this {HEADER} was already used for a different request; "
-                "use a new key for a new request",
-            }
-        ]
-    )
 
 
 def canonical_body(body: BaseModel | None) -> Any:
@@ -131,7 +118,12 @@ class IdempotentRequest:
         if record is None:
             return None
         if record.fingerprint != self.fingerprint:
-            raise key_reused_error()
+            raise invalid(
+                ("header", HEADER),
+                f"this {HEADER} was already used for a different request; "
+                "use a new key for a new request",
+                kind="idempotency_key_reused",
+            )
         if record.response_status is None or record.response_body is None:
             started = record.created_at or now()
             if now() - started > self.stale_after:
@@ -205,14 +197,8 @@ async def idempotent_request(
     if len(key) >= 2 and key.startswith('"') and key.endswith('"'):
         key = key[1:-1]
     if not VISIBLE_ASCII.fullmatch(key):
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("header", HEADER),
-                    "msg": f"{HEADER} must be 1-255 visible ASCII characters (no spaces)",
-                }
-            ]
+        raise invalid(
+            ("header", HEADER), f"{HEADER} must be 1-255 visible ASCII characters (no spaces)"
         )
     api_key = getattr(request.state, "api_key", None)  # set by auth.authorize when AUTH=on
     idempotent = IdempotentRequest(

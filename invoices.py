@@ -12,7 +12,6 @@ from functools import cache
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, status
-from fastapi.exceptions import RequestValidationError
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from pydantic import BeforeValidator
@@ -22,6 +21,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
+from api_docs import invalid
 from idempotency import IdempotentRequest
 from models import (
     Customer,
@@ -253,17 +253,11 @@ async def page_params(
     offset that deep costs the database more than any page is worth."""
     offset = (page - 1) * size
     if offset > settings.max_page_offset:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("query", "page"),
-                    "msg": f"page {page} starts {offset} rows deep, past the "
-                    f"{settings.max_page_offset} that page numbers reach; to go deeper through "
-                    "invoices, continue with GET /invoices/scroll, whose cost does not grow "
-                    "with depth",
-                }
-            ]
+        raise invalid(
+            ("query", "page"),
+            f"page {page} starts {offset} rows deep, past the {settings.max_page_offset} that "
+            "page numbers reach; to go deeper through invoices, continue with "
+            "GET /invoices/scroll, whose cost does not grow with depth",
         )
     return Params(page=page, size=size)
 
@@ -272,14 +266,8 @@ def decode_cursor_or_422(cursor: str) -> tuple[datetime, str]:
     try:
         return decode_cursor(cursor)
     except ValueError:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("query", "cursor"),
-                    "msg": "cursor must be a nextCursor value returned by this endpoint",
-                }
-            ]
+        raise invalid(
+            ("query", "cursor"), "cursor must be a nextCursor value returned by this endpoint"
         ) from None
 
 
@@ -371,15 +359,7 @@ async def invoice_filter(
     ] = None,
 ) -> InvoiceFilter:
     if created_from and created_to and created_from >= created_to:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("query", "createdTo"),
-                    "msg": "createdTo must be later than createdFrom",
-                }
-            ]
-        )
+        raise invalid(("query", "createdTo"), "createdTo must be later than createdFrom")
     return InvoiceFilter(invoice_status, customer_id, created_from, created_to)
 
 

@@ -41,6 +41,7 @@ from idempotency import (
     IdempotencyError,
     IdempotencyKeyInUseError,
     IdempotencyMiddleware,
+    IdempotentRequestUnfinishedError,
     purge_expired_keys_forever,
 )
 from invoices import (
@@ -359,8 +360,14 @@ async def list_all_customers(session: SessionDep, params: PageDep) -> Page[Custo
 # --- every outcome that is not a success, and its status code ---------------------------
 
 
-PAYMENT_ERROR_STATUS: dict[type[PaymentError], int] = {
+# The domain's failures; each carries the `message` that becomes the reply's detail.
+DOMAIN_ERRORS = (PaymentError, InvoiceConflictError, IdempotencyError)
+DomainError = PaymentError | InvoiceConflictError | IdempotencyError
+ERROR_STATUS: dict[type[DomainError], int] = {
     InvoiceNotFoundError: status.HTTP_404_NOT_FOUND,
+    InvoiceConflictError: status.HTTP_409_CONFLICT,
+    IdempotencyKeyInUseError: status.HTTP_409_CONFLICT,
+    IdempotentRequestUnfinishedError: status.HTTP_409_CONFLICT,
     InvoiceNotPayableError: status.HTTP_409_CONFLICT,
     PaymentInProgressError: status.HTTP_409_CONFLICT,
     ChargedAfterSupersededError: status.HTTP_409_CONFLICT,
@@ -378,28 +385,14 @@ RETRY_AFTER_S: dict[type[Exception], str] = {
 }
 
 
-async def payment_error_handler(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, PaymentError)
-    code = PAYMENT_ERROR_STATUS[type(error)]
+async def domain_error_handler(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, DOMAIN_ERRORS)
+    code = ERROR_STATUS[type(error)]
     if code >= 500:
         logger.warning("payment failed with {}: {}", code, error.message)
-    return error_reply(code, error.message, error)
-
-
-async def idempotency_error_handler(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, IdempotencyError)
-    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
-
-
-async def invoice_conflict_handler(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, InvoiceConflictError)
-    return error_reply(status.HTTP_409_CONFLICT, error.message, error)
-
-
-def error_reply(code: int, detail: str, error: Exception) -> JSONResponse:
     retry_after = RETRY_AFTER_S.get(type(error))
     headers = {"Retry-After": retry_after} if retry_after else None
-    return JSONResponse({"detail": detail}, status_code=code, headers=headers)
+    return JSONResponse({"detail": error.message}, status_code=code, headers=headers)
 
 
 async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
@@ -429,9 +422,8 @@ def add_exception_handlers(app: FastAPI) -> None:
     `HTTPException` (404 for an unknown id) keeps FastAPI's own handler; an error nothing here
     expects becomes a 500 in `RequestContextMiddleware`, which logs it with the request id.
     """
-    app.add_exception_handler(PaymentError, payment_error_handler)
-    app.add_exception_handler(IdempotencyError, idempotency_error_handler)
-    app.add_exception_handler(InvoiceConflictError, invoice_conflict_handler)
+    for domain_error in DOMAIN_ERRORS:
+        app.add_exception_handler(domain_error, domain_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     for unreachable in DATABASE_UNREACHABLE:
         app.add_exception_handler(unreachable, database_unavailable_handler)
