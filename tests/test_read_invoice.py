@@ -143,3 +143,13 @@ def test_a_card_number_in_a_url_is_not_logged(client: TestClient, app_log: Path)
     assert "4111111111111111" not in logged
     assert "4111 1111 1111 1111" not in logged
     assert "/customer/0.[redacted]" in logged
+
+
+def test_an_invoice_id_with_long_digit_runs_is_logged_whole(
+    client: TestClient, app_log: Path
+) -> None:
+    """Redacting card-like digits must not cut into the ids a log reader searches for."""
+    invoice_id = "0195b0f4-7f6f-7000-8000-000000000000"
+    client.get(f"/invoice/{invoice_id}")
+
+    assert f"GET /invoice/{invoice_id} 404" in app_log.read_text()
