@@ -1,20 +1,22 @@
 """Database access: one async engine per process, one session per request."""
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Annotated, Any, TypeVar
 
 import aiomysql
 from fastapi import Depends
 from pymysql.constants import CR, SERVER_STATUS
 from pymysql.err import OperationalError
-from sqlalchemy import event
+from sqlalchemy import CursorResult, Executable, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import PoolResetState
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from settings import Settings, settings
+
+T = TypeVar("T")
 
 
 class BoundedConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql is untyped
@@ -32,21 +34,36 @@ class BoundedConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql 
     def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_timeout = read_timeout
+        self.gave_up = False
 
     async def _read_query_result(self, unbuffered: bool = False) -> int:
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                rows: int = await super()._read_query_result(unbuffered=unbuffered)
-        except TimeoutError:
-            raise self._lost() from None
-        return rows
+        return await self._within_read_timeout(super()._read_query_result(unbuffered=unbuffered))
 
     async def _read_ok_packet(self) -> Any:
+        return await self._within_read_timeout(super()._read_ok_packet())
+
+    async def _within_read_timeout(self, reply: Awaitable[T]) -> T:
+        """Await `reply`, closing the connection if the server stays silent past the limit.
+
+        A bare loop timer rather than `asyncio.timeout`: this runs for every reply, and the
+        timer costs a fraction of a task-cancelling scope. Closing the socket ends the pending
+        read with PyMySQL's "lost connection" error, given here the reason it was lost.
+        """
+        timer = self._loop.call_later(self.read_timeout, self._give_up)
         try:
-            async with asyncio.timeout(self.read_timeout):
-                return await super()._read_ok_packet()
-        except TimeoutError:
-            raise self._lost() from None
+            return await reply
+        except OperationalError:
+            if self.gave_up:
+                raise self._lost() from None
+            raise
+        finally:
+            timer.cancel()
+
+    def _give_up(self) -> None:
+        self.gave_up = True
+        if self._writer is not None:
+            self._writer.transport.abort()  # nothing waits on a silent server's write buffer
+        self.close()
 
     @property
     def in_transaction(self) -> bool:
@@ -54,7 +71,6 @@ class BoundedConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql 
         return bool(self.server_status & SERVER_STATUS.SERVER_STATUS_IN_TRANS)
 
     def _lost(self) -> OperationalError:
-        self.close()
         message = f"Lost connection to MySQL server: no reply within {self.read_timeout:g} s"
         return OperationalError(CR.CR_SERVER_LOST, message)
 
@@ -120,6 +136,19 @@ async def get_session() -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def execute_core(
+    session: AsyncSession, statement: Executable, params: Mapping[str, Any]
+) -> CursorResult[*tuple[Any, ...]]:
+    """Run a Core statement on the session's connection, inside its transaction.
+
+    For reads of plain columns and writes that need no objects back: the ORM's per-statement
+    bookkeeping costs more than the round trip itself and buys these statements nothing.
+    """
+    connection = await session.connection()
+    return await connection.execute(statement, params)
+
 
 # What a query raises when the server is down, unreachable, too slow, or the pool is empty.
 DATABASE_UNREACHABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)

@@ -22,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
 from api_docs import invalid
+from db import execute_core
 from idempotency import IdempotentRequest
 from models import (
     Customer,
@@ -82,10 +83,8 @@ READ_INVOICE = invoice_rows().where(col(Invoice.id) == bindparam("invoice_id"))
 async def fetch(
     session: AsyncSession, statement: InvoiceSelect, params: dict[str, Any]
 ) -> Sequence[InvoiceRow]:
-    """Run a read on the session's connection as a Core statement: rows by column name, without
-    the ORM's per-statement bookkeeping, which a read of plain columns does not need."""
-    connection = await session.connection()
-    return (await connection.execute(statement, params)).all()
+    """Rows by column name, read as a Core statement (`db.execute_core`)."""
+    return (await execute_core(session, statement, params)).all()
 
 
 def to_public(row: InvoiceRow) -> InvoicePublic:
@@ -132,10 +131,13 @@ def invoice_not_found(invoice_id: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {invoice_id} not found")
 
 
+LOCK_INVOICE = select(Invoice).where(col(Invoice.id) == bindparam("invoice_id")).with_for_update()
+
+
 async def lock_invoice(session: AsyncSession, invoice_id: str) -> Invoice | None:
     """The invoice row, locked until the transaction ends: the one lock that orders a claim,
     a settle and a cancel of the same invoice (the customer row is never locked)."""
-    locked = await session.exec(select(Invoice).where(Invoice.id == invoice_id).with_for_update())
+    locked = await session.exec(LOCK_INVOICE, params={"invoice_id": invoice_id})
     return locked.first()
 
 

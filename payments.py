@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Annotated
 
 import anyio
@@ -32,12 +33,13 @@ import httpx
 from fastapi import Depends, Request
 from loguru import logger
 from pydantic import SecretStr, field_serializer
-from sqlalchemy import ColumnElement, literal_column, update
+from sqlalchemy import ColumnElement, bindparam, insert, literal_column, update
 from sqlalchemy.dialects.mysql import DATETIME
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import Select
 
-from db import DATABASE_UNREACHABLE
+from db import DATABASE_UNREACHABLE, execute_core
 from idempotency import IdempotentRequest
 from invoices import lock_invoice
 from models import (
@@ -320,28 +322,26 @@ async def record_attempt(
         await supersede_stalled_attempts(session, invoice_id, stale_after_s)
         customer = await session.get(Customer, invoice.customer_id)
         assert customer is not None  # a foreign key guarantees it
-        payment = Payment(
-            invoice_id=invoice_id,
-            card_number=masked.number,
-            card_name=masked.name,
-            card_expiry=masked.expiry,
+        recorded = await execute_core(
+            session,
+            RECORD_ATTEMPT,
+            {
+                "invoice_id": invoice_id,
+                "card_number": masked.number,
+                "card_name": masked.name,
+                "card_expiry": masked.expiry,
+            },
         )
-        session.add(payment)
         idempotency.reserve(session, invoice_id)
-        await session.flush()
-        assert payment.id is not None
-        return ClaimedInvoice(invoice, customer, payment.id)
+        return ClaimedInvoice(invoice, customer, recorded.lastrowid)
 
 
 async def supersede_stalled_attempts(
     session: AsyncSession, invoice_id: str, stale_after_s: int
 ) -> None:
     """409 while an attempt is in flight; one older than `stale_after_s` is ABANDONED."""
-    attempts = await session.exec(
-        select(Payment.id, col(Payment.created_at) < stale_cutoff(stale_after_s)).where(
-            Payment.invoice_id == invoice_id,
-            Payment.payment_status == PaymentStatus.PROCESSING,
-        )
+    attempts = await execute_core(
+        session, in_flight_attempts(stale_after_s), {"invoice_id": invoice_id}
     )
     in_flight = attempts.all()
     if any(not stale for _, stale in in_flight):
@@ -360,7 +360,30 @@ def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
     return literal_column(f"NOW(6) - INTERVAL {int(seconds)} SECOND", type_=DATETIME(fsp=6))
 
 
+# The pay path's statements, built once (building one and its cache key costs more than
+# sending it) and run as Core statements (`db.execute_core`): no unit-of-work flush.
+THIS_ATTEMPT = col(Payment.id) == bindparam("payment_id")
 STILL_PROCESSING = col(Payment.payment_status) == PaymentStatus.PROCESSING
+RECORD_ATTEMPT = insert(Payment.metadata.tables["payment"])
+MARK_PAID = (
+    update(Invoice)
+    .where(col(Invoice.id) == bindparam("invoice_id"))
+    .where(select(Payment.id).where(THIS_ATTEMPT, STILL_PROCESSING).exists())
+    .values(invoice_status=InvoiceStatus.PAID)
+)
+RECORD_OUTCOME = (
+    update(Payment)
+    .where(THIS_ATTEMPT, STILL_PROCESSING)
+    .values(payment_status=bindparam("outcome"), reason=bindparam("outcome_reason"))
+)
+
+
+@cache
+def in_flight_attempts(stale_after_s: int) -> Select[int | None, bool]:
+    """The invoice's PROCESSING attempts, each with whether it is older than `stale_after_s`."""
+    return select(col(Payment.id), col(Payment.created_at) < stale_cutoff(stale_after_s)).where(
+        col(Payment.invoice_id) == bindparam("invoice_id"), STILL_PROCESSING
+    )
 
 
 async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult) -> bool:
@@ -371,25 +394,15 @@ async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeR
     values, so a retry is harmless. A success takes the invoice row first, the lock every
     claim takes first too, so a settle and a claim never deadlock.
     """
-    invoice_id, payment_id = claimed.invoice.id, claimed.payment_id
-    this_attempt = col(Payment.id) == payment_id
+    invoice_id = claimed.invoice.id
+    attempt = {"invoice_id": invoice_id, "payment_id": claimed.payment_id}
+    outcome = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
     for delay in (*SETTLE_RETRY_DELAYS_S, None):
         try:
             async with session.begin():
                 if result.status == PaymentStatus.SUCCEEDED:
-                    await session.exec(
-                        update(Invoice)
-                        .where(col(Invoice.id) == invoice_id)
-                        .where(select(Payment.id).where(this_attempt, STILL_PROCESSING).exists())
-                        .values(invoice_status=InvoiceStatus.PAID)
-                        .execution_options(synchronize_session=False)
-                    )
-                recorded = await session.exec(
-                    update(Payment)
-                    .where(this_attempt, STILL_PROCESSING)
-                    .values(payment_status=result.status, reason=result.reason)
-                    .execution_options(synchronize_session=False)
-                )
+                    await execute_core(session, MARK_PAID, attempt)
+                recorded = await execute_core(session, RECORD_OUTCOME, outcome)
                 if recorded.rowcount == 0 and result.status == PaymentStatus.SUCCEEDED:
                     await record_late_charge(session, claimed)
         except DATABASE_UNREACHABLE:
