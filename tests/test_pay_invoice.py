@@ -1,14 +1,22 @@
 """POST /invoice/pay/{invoice_id}, and how every provider outcome leaves the invoice."""
 
+import asyncio
+import sys
 import threading
 import time
 from datetime import UTC, datetime
+from importlib.abc import MetaPathFinder
+from importlib.machinery import ModuleSpec
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import text
 
+from models import PaymentStatus
+from payments import FakePayCard, FakePayClient, FakePayRequest
+from settings import Settings
 from tests.stand_in import StandInProvider, refusing_provider_url, silent_provider
 from tests.support import (
     MASKED_WORK_CARD,
@@ -445,3 +453,40 @@ def test_the_app_talks_to_the_database_in_utc(client: TestClient) -> None:
             return (await connection.execute(text("SELECT @@session.time_zone"))).scalar_one()
 
     assert client.portal.call(zone) == "+00:00"  # type: ignore[union-attr]
+
+
+class ImportWatch(MetaPathFinder):
+    """Records every module the import system goes looking for, finding none itself."""
+
+    def __init__(self) -> None:
+        self.looked_up: list[str] = []
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
+        self.looked_up.append(fullname)
+        return None
+
+
+def test_a_provider_call_looks_for_no_module(fakepay: FakePayProcess) -> None:
+    """httpcore imports sniffio on every call and, with it missing, searches the path for it
+    again each time (encode/httpcore#1103): a file system search per payment."""
+    request = FakePayRequest(
+        transaction_id=UNKNOWN_ID,
+        card=FakePayCard(number=SecretStr("1234567812345678"), expiry="01-2040", name="J Doe"),
+    )
+    watch = ImportWatch()
+
+    async def charge_twice() -> list[PaymentStatus]:
+        provider = FakePayClient(Settings(fakepay_url=fakepay.url))
+        try:
+            first = await provider.charge(request)  # a first call may import lazily, once
+            sys.meta_path.insert(0, watch)
+            try:
+                second = await provider.charge(request)
+            finally:
+                sys.meta_path.remove(watch)
+        finally:
+            await provider.aclose()
+        return [first.status, second.status]
+
+    assert asyncio.run(charge_twice()) == [PaymentStatus.SUCCEEDED] * 2
+    assert watch.looked_up == []
