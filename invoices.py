@@ -15,7 +15,7 @@ from fastapi import Depends, HTTPException, Query, status
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from pydantic import BeforeValidator
-from sqlalchemy import ColumnElement, Integer, Row, bindparam, func
+from sqlalchemy import ColumnElement, Integer, Row, bindparam, func, update
 from sqlalchemy.sql import Subquery
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -131,14 +131,25 @@ def invoice_not_found(invoice_id: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {invoice_id} not found")
 
 
-LOCK_INVOICE = select(Invoice).where(col(Invoice.id) == bindparam("invoice_id")).with_for_update()
+LOCK_INVOICE = (
+    select(col(Invoice.invoice_status))
+    .where(col(Invoice.id) == bindparam("invoice_id"))
+    .with_for_update()
+)
+CANCEL_INVOICE = (
+    update(Invoice)
+    .where(col(Invoice.id) == bindparam("invoice_id"))
+    .values(invoice_status=InvoiceStatus.CANCELLED)
+)
 
 
-async def lock_invoice(session: AsyncSession, invoice_id: str) -> Invoice | None:
-    """The invoice row, locked until the transaction ends: the one lock that orders a claim,
-    a settle and a cancel of the same invoice (the customer row is never locked)."""
-    locked = await session.exec(LOCK_INVOICE, params={"invoice_id": invoice_id})
-    return locked.first()
+async def lock_invoice(session: AsyncSession, invoice_id: str) -> InvoiceStatus | None:
+    """The invoice's status, its row locked until the transaction ends: the one lock that
+    orders a claim, a settle and a cancel of the same invoice (the customer row is never
+    locked). None when there is no such invoice."""
+    locked = await execute_core(session, LOCK_INVOICE, {"invoice_id": invoice_id})
+    status = locked.scalar_one_or_none()
+    return None if status is None else InvoiceStatus(status)
 
 
 NEWEST_FIRST = (col(Invoice.created_at).desc(), col(Invoice.id).desc())
@@ -385,16 +396,16 @@ async def cancel_invoice(
     cancelled_now = False
     with idempotency.twin_refused():
         async with session.begin():
-            invoice = await lock_invoice(session, key)
-            if invoice is None:
+            status = await lock_invoice(session, key)
+            if status is None:
                 raise invoice_not_found(key)
-            if invoice.invoice_status == InvoiceStatus.PAID:
+            if status == InvoiceStatus.PAID:
                 raise InvoiceConflictError(
                     f"Invoice {key} is PAID; a paid invoice cannot be cancelled"
                 )
-            if invoice.invoice_status == InvoiceStatus.PENDING:
+            if status == InvoiceStatus.PENDING:
                 await refuse_if_payment_unsettled(session, key)
-                invoice.invoice_status = InvoiceStatus.CANCELLED
+                await execute_core(session, CANCEL_INVOICE, {"invoice_id": key})
                 idempotency.reserve(session, key)
                 cancelled_now = True
     if cancelled_now:

@@ -184,10 +184,7 @@ async def create_invoice(
     invoice, customer = await create_pending_invoice(session, request, idempotency)
     if request.card is None:
         return public_invoice(invoice, customer)
-    paid, customer, card = await pay_invoice(
-        session, fakepay, invoice.id, request.card, idempotency
-    )
-    return public_invoice(paid, customer, card)
+    return await pay_invoice(session, fakepay, invoice.id, request.card, idempotency)
 
 
 @app.post(
@@ -219,8 +216,7 @@ async def pay_pending_invoice(
     """
     if replay := await idempotency.replay(session, card):
         return replay
-    paid, customer, masked = await pay_invoice(session, fakepay, str(invoice_id), card, idempotency)
-    return public_invoice(paid, customer, masked)
+    return await pay_invoice(session, fakepay, str(invoice_id), card, idempotency)
 
 
 @app.post(

@@ -41,12 +41,12 @@ from sqlmodel.sql.expression import Select
 
 from db import DATABASE_UNREACHABLE, execute_core
 from idempotency import IdempotentRequest
-from invoices import lock_invoice
+from invoices import READ_INVOICE, fetch, lock_invoice, to_public
 from models import (
     CamelModel,
     Card,
-    Customer,
     Invoice,
+    InvoicePublic,
     InvoiceStatus,
     MaskedCard,
     Payment,
@@ -279,8 +279,7 @@ FakePayDep = Annotated[FakePayClient, Depends(get_fakepay)]
 
 @dataclass(frozen=True)
 class ClaimedInvoice:
-    invoice: Invoice
-    customer: Customer
+    invoice: InvoicePublic  # as it was claimed: PENDING, without a card
     payment_id: int
 
 
@@ -299,9 +298,6 @@ async def claim(
     except DATABASE_UNREACHABLE:
         raise PaymentNotStartedError(invoice_id) from None
     idempotency.reserved = True
-    # A snapshot from here on: a failed settle's rollback must not expire these objects and
-    # send their next attribute read to a database that may be down.
-    session.expunge_all()
     return claimed
 
 
@@ -314,14 +310,13 @@ async def record_attempt(
 ) -> ClaimedInvoice:
     """The claim's one transaction, ended by its commit."""
     async with session.begin():
-        invoice = await lock_invoice(session, invoice_id)
-        if invoice is None:
+        status = await lock_invoice(session, invoice_id)
+        if status is None:
             raise InvoiceNotFoundError(invoice_id)
-        if invoice.invoice_status != InvoiceStatus.PENDING:
-            raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
+        if status != InvoiceStatus.PENDING:
+            raise InvoiceNotPayableError(invoice_id, status)
         await supersede_stalled_attempts(session, invoice_id, stale_after_s)
-        customer = await session.get(Customer, invoice.customer_id)
-        assert customer is not None  # a foreign key guarantees it
+        invoice = to_public((await fetch(session, READ_INVOICE, {"invoice_id": invoice_id}))[0])
         recorded = await execute_core(
             session,
             RECORD_ATTEMPT,
@@ -333,7 +328,7 @@ async def record_attempt(
             },
         )
         idempotency.reserve(session, invoice_id)
-        return ClaimedInvoice(invoice, customer, recorded.lastrowid)
+        return ClaimedInvoice(invoice, recorded.lastrowid)
 
 
 async def supersede_stalled_attempts(
@@ -394,7 +389,7 @@ async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeR
     values, so a retry is harmless. A success takes the invoice row first, the lock every
     claim takes first too, so a settle and a claim never deadlock.
     """
-    invoice_id = claimed.invoice.id
+    invoice_id = str(claimed.invoice.id)
     attempt = {"invoice_id": invoice_id, "payment_id": claimed.payment_id}
     outcome = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
     for delay in (*SETTLE_RETRY_DELAYS_S, None):
@@ -416,8 +411,6 @@ async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeR
             logger.warning("recording payment of invoice {} failed; retrying", invoice_id)
             await asyncio.sleep(delay)
         else:
-            if recorded.rowcount and result.status == PaymentStatus.SUCCEEDED:
-                claimed.invoice.invoice_status = InvoiceStatus.PAID
             return bool(recorded.rowcount)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -446,8 +439,9 @@ async def pay_invoice(
     invoice_id: str,
     card: Card,
     idempotency: IdempotentRequest,
-) -> tuple[Invoice, Customer, MaskedCard]:
-    """Charge `card` for a PENDING invoice once; raise a `PaymentError` for every other end."""
+) -> InvoicePublic:
+    """Charge `card` for a PENDING invoice once, answering the invoice PAID with the masked
+    card; raise a `PaymentError` for every other end."""
     masked = card.masked()
     claimed = await claim(session, invoice_id, masked, fakepay.stale_after_s, idempotency)
     with fakepay.slot() as acquired:
@@ -470,7 +464,9 @@ async def pay_invoice(
     if not await settle(session, claimed, result) and result.status == PaymentStatus.SUCCEEDED:
         raise ChargedAfterSupersededError(invoice_id)
     if result.status == PaymentStatus.SUCCEEDED:
-        return claimed.invoice, claimed.customer, masked
+        return claimed.invoice.model_copy(
+            update={"invoice_status": InvoiceStatus.PAID, "card": masked}
+        )
     reason = result.reason or "unknown"
     if result.status == PaymentStatus.DECLINED:
         raise PaymentDeclinedError(invoice_id, reason)
