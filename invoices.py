@@ -77,7 +77,9 @@ def invoice_rows(page: Subquery | None = None) -> InvoiceSelect:
     )
 
 
-READ_INVOICE = invoice_rows().where(col(Invoice.id) == bindparam("invoice_id"))
+# The invoice whose id is the statement's `invoice_id` parameter.
+THIS_INVOICE = col(Invoice.id) == bindparam("invoice_id")
+READ_INVOICE = invoice_rows().where(THIS_INVOICE)
 
 
 async def fetch(
@@ -120,27 +122,24 @@ def public_invoice(
     )
 
 
+async def find_invoice(session: AsyncSession, invoice_id: str) -> InvoicePublic | None:
+    rows = await fetch(session, READ_INVOICE, {"invoice_id": invoice_id})
+    return to_public(rows[0]) if rows else None
+
+
 async def get_invoice_or_404(session: AsyncSession, invoice_id: uuid.UUID) -> InvoicePublic:
-    rows = await fetch(session, READ_INVOICE, {"invoice_id": str(invoice_id)})
-    if not rows:
+    invoice = await find_invoice(session, str(invoice_id))
+    if invoice is None:
         raise invoice_not_found(str(invoice_id))
-    return to_public(rows[0])
+    return invoice
 
 
 def invoice_not_found(invoice_id: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {invoice_id} not found")
 
 
-LOCK_INVOICE = (
-    select(col(Invoice.invoice_status))
-    .where(col(Invoice.id) == bindparam("invoice_id"))
-    .with_for_update()
-)
-CANCEL_INVOICE = (
-    update(Invoice)
-    .where(col(Invoice.id) == bindparam("invoice_id"))
-    .values(invoice_status=InvoiceStatus.CANCELLED)
-)
+LOCK_INVOICE = select(col(Invoice.invoice_status)).where(THIS_INVOICE).with_for_update()
+CANCEL_INVOICE = update(Invoice).where(THIS_INVOICE).values(invoice_status=InvoiceStatus.CANCELLED)
 
 
 async def lock_invoice(session: AsyncSession, invoice_id: str) -> InvoiceStatus | None:

@@ -41,7 +41,7 @@ from sqlmodel.sql.expression import Select
 
 from db import DATABASE_UNREACHABLE, execute_core
 from idempotency import IdempotentRequest
-from invoices import READ_INVOICE, fetch, lock_invoice, to_public
+from invoices import THIS_INVOICE, find_invoice, lock_invoice
 from models import (
     CamelModel,
     Card,
@@ -316,7 +316,8 @@ async def record_attempt(
         if status != InvoiceStatus.PENDING:
             raise InvoiceNotPayableError(invoice_id, status)
         await supersede_stalled_attempts(session, invoice_id, stale_after_s)
-        invoice = to_public((await fetch(session, READ_INVOICE, {"invoice_id": invoice_id}))[0])
+        invoice = await find_invoice(session, invoice_id)
+        assert invoice is not None  # its row is locked: it exists
         recorded = await execute_core(
             session,
             RECORD_ATTEMPT,
@@ -362,7 +363,7 @@ STILL_PROCESSING = col(Payment.payment_status) == PaymentStatus.PROCESSING
 RECORD_ATTEMPT = insert(Payment.metadata.tables["payment"])
 MARK_PAID = (
     update(Invoice)
-    .where(col(Invoice.id) == bindparam("invoice_id"))
+    .where(THIS_INVOICE)
     .where(select(Payment.id).where(THIS_ATTEMPT, STILL_PROCESSING).exists())
     .values(invoice_status=InvoiceStatus.PAID)
 )
