@@ -8,10 +8,10 @@ STACK := $(BIN)/python -m scripts.stack
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean api-key api-key-revoke api-keys
+.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean api-key api-key-revoke api-keys migration migrations-check test-mysql8
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 install: $(VENV)/.synced ## bootstrap uv if missing, then create .venv from uv.lock
 
@@ -22,9 +22,10 @@ $(VENV)/.synced: pyproject.toml uv.lock
 run: install db-up fakepay-up ## serve the API on http://127.0.0.1:8000 with live reload
 	$(BIN)/uvicorn main:app --loop uvloop --http httptools --reload --host $(HOST) --port $(PORT)
 
-stop: ## stop FakePay and the private database server (data kept)
+stop: ## stop FakePay and the private database servers (data kept)
 	-@[ -x $(BIN)/python ] && $(STACK) fakepay-down
 	-@[ -x $(BIN)/python ] && $(STACK) db-down
+	-@[ -x $(BIN)/python ] && $(MYSQL8_LIKE) $(STACK) db-down
 
 WORKERS ?= 2
 serve: install db-up ## production mode: N uvicorn workers (WORKERS=2), no reload, JSON logs
@@ -43,14 +44,30 @@ format: install ## apply ruff's formatting and fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-db-up: install ## start the private database server if needed; create the schema if missing
+db-up: install ## start the private database server if needed; bring the schema to head in place
 	@$(STACK) db-up
 
 db-down: install ## stop the private database server (data kept in .data/)
 	@$(STACK) db-down
 
-db-reset: install ## apply sql/down.sql then sql/up.sql to the database in DB_URL
+db-reset: install ## DROP every table and row, then sql/up.sql: a fresh seeded database in DB_URL
 	@$(STACK) db-reset
+
+MESSAGE ?=
+migration: install db-up ## a new revision from what models.py changed (MESSAGE="add a column")
+	@[ -n "$(MESSAGE)" ] || { echo 'usage: make migration MESSAGE="add a column"'; exit 2; }
+	$(BIN)/alembic revision --autogenerate -m "$(MESSAGE)" \
+		--rev-id $$(printf '%04d' $$(( $$(ls migrations/versions/[0-9]*.py | wc -l) + 1 )))
+
+migrations-check: install db-up ## alembic check: models.py and the head revision agree
+	$(BIN)/alembic check
+
+# A server as MySQL 8 sets itself up: binary logging on, the schema installed by an owner
+# without SUPER, the app connected as a user that may only read and write rows.
+MYSQL8_LIKE := DB_URL=127.0.0.1:3308/invoice_management
+test-mysql8: install ## the test suite on a MySQL-8-like server (binary log on, least privilege)
+	$(MYSQL8_LIKE) DB_BINLOG=on $(STACK) db-up
+	env $$($(MYSQL8_LIKE) $(STACK) least-privilege) $(MYSQL8_LIKE) $(BIN)/pytest
 
 fakepay-up: install ## start fake_pay.py in the background unless its port answers
 	@$(STACK) fakepay-up

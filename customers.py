@@ -27,7 +27,12 @@ async def create_customer(session: AsyncSession, request: CustomerCreate) -> Cus
             f"A customer with the email {request.customer_email} already exists",
         ) from None
     logger.info("customer {} created", customer.customer_id)
-    return CustomerPublic.model_validate(customer.model_dump())
+    assert customer.customer_id is not None  # the insert's generated id
+    return CustomerPublic(
+        customer_id=customer.customer_id,
+        customer_name=customer.customer_name,
+        customer_email=customer.customer_email,
+    )
 
 
 async def get_customer_or_404(session: AsyncSession, customer_id: int) -> CustomerPublic:

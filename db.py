@@ -10,6 +10,7 @@ from pymysql.constants import CR, SERVER_STATUS
 from pymysql.err import OperationalError
 from sqlalchemy import CursorResult, Executable, event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import PoolResetState
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -94,10 +95,50 @@ def bounded_connector(config: Settings) -> Any:
     return connect
 
 
+class TransactionConflictError(sa_exc.DatabaseError):
+    """The transaction lost to a concurrent one (a deadlock, a lock wait past its limit, or a
+    cluster's certification failure): nothing it did was kept, and the server is fine."""
+
+
+class DatabaseRefusedError(sa_exc.DatabaseError):
+    """The server is up and refused the statement (a CHECK constraint, say): retrying the same
+    request cannot succeed, so it is a server error, not an outage."""
+
+
+# The MySQL and MariaDB error codes of an outage: the client's own (2000-2999: refused, lost,
+# gone away, no reply in time) and the server's for a connection it will not serve: too many
+# connections, shutting down, connection killed, closed for inactivity, a cluster node that
+# is not ready for queries.
+SERVER_OUTAGE_CODES = frozenset({1040, 1053, 1927, 4031, 1047})
+CONFLICT_CODES = frozenset({1205, 1213})  # lock wait timeout; deadlock or certification failure
+
+
+def classify_server_error(context: ExceptionContext) -> BaseException | None:
+    """SQLAlchemy's `handle_error` hook. PyMySQL raises `OperationalError` for outages and
+    for many refusals alike; only an outage keeps that class (and so stays in
+    `DATABASE_UNREACHABLE`: 503 with Retry-After). A conflict becomes
+    `TransactionConflictError`, any other refusal `DatabaseRefusedError`."""
+    error = context.sqlalchemy_exception
+    if not isinstance(error, sa_exc.OperationalError) or context.is_disconnect:
+        return None
+    code = error_code(context.original_exception)
+    if code is None or 2000 <= code < 3000 or code in SERVER_OUTAGE_CODES:
+        return None
+    kind = TransactionConflictError if code in CONFLICT_CODES else DatabaseRefusedError
+    return kind(error.statement, error.params, context.original_exception)
+
+
+def error_code(error: BaseException | None) -> int | None:
+    """The server's (or the client library's) numeric code of a DBAPI error."""
+    code = getattr(error, "args", (None,))[0] if error is not None else None
+    return code if isinstance(code, int) else None
+
+
 def make_engine(config: Settings) -> AsyncEngine:
     """Fail fast when the server is gone: bounded connect and reads, pre-ping, bounded pool wait.
-    Every connection's session time zone is UTC, whatever the server's."""
-    return create_async_engine(
+    Every connection's session time zone is UTC, whatever the server's. Errors that are not
+    an outage are told apart from those that are (`classify_server_error`)."""
+    engine = create_async_engine(
         config.database_url(),
         pool_pre_ping=True,
         pool_size=config.db_pool_size,
@@ -112,6 +153,8 @@ def make_engine(config: Settings) -> AsyncEngine:
             "init_command": "SET time_zone = '+00:00'",
         },
     )
+    event.listen(engine.sync_engine, "handle_error", classify_server_error, retval=True)
+    return engine
 
 
 engine = make_engine(settings)
@@ -157,4 +200,4 @@ DUPLICATE_KEY = 1062  # MySQL's ER_DUP_ENTRY
 
 def is_duplicate_key(error: sa_exc.IntegrityError) -> bool:
     """Whether an insert failed on a unique key (not on a foreign key or a CHECK)."""
-    return getattr(error.orig, "args", (None,))[0] == DUPLICATE_KEY
+    return error_code(error.orig) == DUPLICATE_KEY

@@ -15,7 +15,7 @@ from fastapi import Depends, HTTPException, Query, status
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from pydantic import BeforeValidator
-from sqlalchemy import ColumnElement, Integer, Row, bindparam, func, update
+from sqlalchemy import ColumnElement, Integer, Row, bindparam, case, func, insert, update
 from sqlalchemy.sql import Subquery
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -106,19 +106,6 @@ def to_public(row: InvoiceRow) -> InvoicePublic:
         customer_email=row.customer_email,
         invoice_status=InvoiceStatus(row.invoice_status),
         card=card,
-    )
-
-
-def public_invoice(
-    invoice: Invoice, customer: Customer, card: MaskedCard | None = None
-) -> InvoicePublic:
-    return InvoicePublic.model_validate(
-        {
-            **invoice.model_dump(),
-            "customer_name": customer.customer_name,
-            "customer_email": customer.customer_email,
-            "card": card,
-        }
     )
 
 
@@ -307,29 +294,65 @@ async def scroll(
     )
 
 
+# The counts per status (`invoice_status_count`) move in the transaction of every change they
+# count, in the shard row of the connection that makes it: a new invoice is one more PENDING,
+# a status change one less of the old status and one more of the new.
+SHARD = col(InvoiceStatusCount.shard) == func.connection_id() % 16
+COUNT_CREATED = (
+    update(InvoiceStatusCount)
+    .where(SHARD, col(InvoiceStatusCount.invoice_status) == InvoiceStatus.PENDING)
+    .values(invoice_count=col(InvoiceStatusCount.invoice_count) + 1)
+)
+COUNT_MOVED = (
+    update(InvoiceStatusCount)
+    .where(
+        SHARD,
+        col(InvoiceStatusCount.invoice_status).in_([bindparam("old_status"), bindparam("status")]),
+    )
+    .values(
+        invoice_count=col(InvoiceStatusCount.invoice_count)
+        + case((col(InvoiceStatusCount.invoice_status) == bindparam("status"), 1), else_=-1)
+    )
+)
+
+
+async def count_status_change(
+    session: AsyncSession, old: InvoiceStatus, new: InvoiceStatus
+) -> None:
+    """Move one invoice from `old` to `new` in the counts, in the caller's transaction."""
+    await execute_core(session, COUNT_MOVED, {"old_status": old, "status": new})
+
+
+CREATE_INVOICE = insert(Invoice.metadata.tables["invoice"])
+
+
 async def create_pending_invoice(
     session: AsyncSession, request: InvoiceCreate, idempotency: IdempotentRequest
-) -> tuple[Invoice, Customer]:
-    """Insert a PENDING invoice, and the request's Idempotency-Key in the same transaction."""
+) -> InvoicePublic:
+    """Insert a PENDING invoice, count it, and reserve the request's Idempotency-Key, all in
+    one transaction. The reply is made from what was sent: nothing the server wrote (such as
+    the creation time) needs reading back."""
     customer = await session.get(Customer, request.customer_id)
     if customer is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"Customer {request.customer_id} not found")
-    invoice = Invoice(
-        id=str(uuid7()),
-        job_description=request.job_description,
-        amount=request.amount,
-        customer_id=request.customer_id,
-        invoice_status=InvoiceStatus.PENDING,
-    )
-    session.add(invoice)
-    idempotency.reserve(session, invoice.id)
+    invoice_id = str(uuid7())
+    values = request.model_dump(include={"job_description", "amount", "customer_id"})
+    await execute_core(session, CREATE_INVOICE, {"id": invoice_id, **values})
+    await execute_core(session, COUNT_CREATED, {})
+    idempotency.reserve(session, invoice_id)
     with idempotency.twin_refused():
         await session.commit()
     idempotency.reserved = idempotency.changed = True
     logger.info(
-        "invoice {} created for customer {}: {}", invoice.id, customer.customer_id, invoice.amount
+        "invoice {} created for customer {}: {}", invoice_id, request.customer_id, request.amount
     )
-    return invoice, customer
+    return InvoicePublic.model_construct(
+        id=uuid.UUID(invoice_id),
+        **values,
+        customer_name=customer.customer_name,
+        customer_email=customer.customer_email,
+        invoice_status=InvoiceStatus.PENDING,
+    )
 
 
 def to_utc(value: object) -> object:
@@ -405,6 +428,7 @@ async def cancel_invoice(
             if status == InvoiceStatus.PENDING:
                 await refuse_if_payment_unsettled(session, key)
                 await execute_core(session, CANCEL_INVOICE, {"invoice_id": key})
+                await count_status_change(session, status, InvoiceStatus.CANCELLED)
                 idempotency.reserve(session, key)
                 cancelled_now = True
     if cancelled_now:

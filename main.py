@@ -34,7 +34,7 @@ from api_docs import (
 )
 from auth import Authorized
 from customers import create_customer, get_customer_or_404, list_customers
-from db import DATABASE_UNREACHABLE, SessionDep
+from db import DATABASE_UNREACHABLE, SessionDep, TransactionConflictError
 from exact_json import ExactJSONRoute
 from idempotency import (
     IdempotencyDep,
@@ -53,7 +53,6 @@ from invoices import (
     list_page,
     page_params,
     payment_history,
-    public_invoice,
     scroll,
 )
 from models import (
@@ -181,10 +180,10 @@ async def create_invoice(
     """
     if replay := await idempotency.replay(session, request):
         return replay
-    invoice, customer = await create_pending_invoice(session, request, idempotency)
+    invoice = await create_pending_invoice(session, request, idempotency)
     if request.card is None:
-        return public_invoice(invoice, customer)
-    return await pay_invoice(session, fakepay, invoice.id, request.card, idempotency)
+        return invoice
+    return await pay_invoice(session, fakepay, str(invoice.id), request.card, idempotency)
 
 
 @app.post(
@@ -400,6 +399,17 @@ async def database_unavailable_handler(request: Request, error: Exception) -> JS
     )
 
 
+async def conflict_handler(request: Request, error: Exception) -> JSONResponse:
+    logger.warning("transaction lost to a concurrent one: {}", getattr(error, "orig", ""))
+    return JSONResponse(
+        {
+            "detail": "This request lost a race with a concurrent change to the same data and "
+            "changed nothing; read the resource again, then retry if it is still needed"
+        },
+        status_code=status.HTTP_409_CONFLICT,
+    )
+
+
 async def validation_error_handler(request: Request, error: Exception) -> JSONResponse:
     """FastAPI's 422 body without the `input` it normally echoes, which may be a card number."""
     assert isinstance(error, RequestValidationError)
@@ -423,6 +433,7 @@ def add_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     for unreachable in DATABASE_UNREACHABLE:
         app.add_exception_handler(unreachable, database_unavailable_handler)
+    app.add_exception_handler(TransactionConflictError, conflict_handler)
 
 
 add_exception_handlers(app)

@@ -19,7 +19,19 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, EmailStr, SecretStr, field_serializer, field_validator
 from pydantic import Field as PydanticField
 from pydantic.alias_generators import to_camel
-from sqlalchemy import CHAR, DECIMAL, BigInteger, SmallInteger, String, Text, text
+from sqlalchemy import (
+    CHAR,
+    DECIMAL,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Computed,
+    Index,
+    SmallInteger,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.dialects.mysql import DATETIME, TINYINT, VARCHAR
 from sqlmodel import Field, SQLModel
 
@@ -92,6 +104,20 @@ def require_utf8(value: str) -> str:
     return value
 
 
+# Foreign keys get the names the schema has always given them (fk_invoice_customer, ...).
+SQLModel.metadata.naming_convention = {"fk": "fk_%(table_name)s_%(referred_table_name)s"}
+
+# Every table's options: one collation that MySQL 8 and MariaDB both have and compare alike,
+# and no INSERT ... RETURNING, which SQLAlchemy would use on MariaDB only: the ORM takes the
+# same path on both servers.
+TABLE_OPTIONS = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+    "implicit_returning": False,
+}
+
+
 def timestamp_column() -> Any:
     return DATETIME(fsp=6)
 
@@ -114,13 +140,18 @@ class CustomerBase(CamelModel):
     customer_email: str = Field(max_length=255)
 
 
-# The customer table; its email is unique whatever its case (a case-insensitive collation).
+# The customer table; its email is unique ignoring letter case only (the lower-cased key).
 class Customer(CustomerBase, table=True):
+    __table_args__ = (
+        Index("uq_customer_email", "customer_email_key", unique=True),
+        TABLE_OPTIONS,
+    )
+
     customer_id: int | None = Field(default=None, primary_key=True)
-    customer_email: str = Field(
-        max_length=255,
-        sa_type=VARCHAR(255, charset="utf8mb4", collation="utf8mb4_unicode_ci"),
-        unique=True,
+    # Written by the database: LOWER() folds case and nothing else (no accents, no ß -> ss).
+    customer_email_key: str | None = Field(
+        default=None,
+        sa_column=Column(String(255), Computed("LOWER(customer_email)", persisted=True)),
     )
 
 
@@ -154,6 +185,26 @@ class InvoiceBase(CamelModel):
 
 # The invoice table: adds the server-owned id, status and timestamps.
 class Invoice(InvoiceBase, table=True):
+    __table_args__ = (
+        # GET /invoices: newest first, with and without the status filter, by date range,
+        # and for one customer (also the foreign key's index)
+        Index("ix_invoice_created", "created_at", "id"),
+        Index("ix_invoice_status_created", "invoice_status", "created_at", "id"),
+        Index("ix_invoice_customer_created", "customer_id", "created_at", "id"),
+        Index(
+            "ix_invoice_customer_status_created",
+            "customer_id",
+            "invoice_status",
+            "created_at",
+            "id",
+        ),
+        CheckConstraint("amount > 0", name="ck_invoice_amount"),
+        CheckConstraint(
+            "invoice_status IN ('PENDING', 'PAID', 'CANCELLED')", name="ck_invoice_status"
+        ),
+        TABLE_OPTIONS,
+    )
+
     id: str = Field(primary_key=True, max_length=36, sa_type=CHAR(36))
     invoice_status: InvoiceStatus = Field(
         default=InvoiceStatus.PENDING,
@@ -178,6 +229,16 @@ class Invoice(InvoiceBase, table=True):
 
 # One attempt to charge a card for an invoice; holds the masked number only.
 class Payment(SQLModel, table=True):
+    __table_args__ = (
+        Index("ix_payment_invoice_status", "invoice_id", "payment_status"),
+        CheckConstraint(
+            "payment_status IN ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', "
+            "'ABANDONED', 'REFUND_DUE')",
+            name="ck_payment_status",
+        ),
+        TABLE_OPTIONS,
+    )
+
     id: int | None = Field(default=None, primary_key=True, sa_type=BigInteger)
     invoice_id: str = Field(foreign_key="invoice.id", max_length=36, sa_type=CHAR(36))
     card_number: str = Field(max_length=18, sa_type=CHAR(18))
@@ -208,6 +269,7 @@ class Payment(SQLModel, table=True):
 # The first reply to a request sent with an Idempotency-Key, replayed to the request's retries.
 class IdempotencyRecord(SQLModel, table=True):
     __tablename__ = "idempotency_key"
+    __table_args__ = (Index("ix_idempotency_key_expires", "expires_at"), TABLE_OPTIONS)
 
     owner: str = Field(default="", primary_key=True, max_length=64, sa_type=ascii_column(64))
     idempotency_key: str = Field(primary_key=True, max_length=255, sa_type=ascii_column(255))
@@ -227,11 +289,17 @@ class IdempotencyRecord(SQLModel, table=True):
 # An API key: only the SHA-256 of its secret is kept, and a prefix to recognise it by.
 class ApiKey(SQLModel, table=True):
     __tablename__ = "api_key"
+    __table_args__ = (
+        Index("uq_api_key_name", "name", unique=True),
+        Index("uq_api_key_secret_hash", "secret_hash", unique=True),
+        CheckConstraint("scope IN ('read', 'write')", name="ck_api_key_scope"),
+        TABLE_OPTIONS,
+    )
 
     id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(max_length=64, unique=True)
+    name: str = Field(max_length=64)
     scope: ApiKeyScope = Field(sa_type=String(5))
-    secret_hash: str = Field(max_length=64, sa_type=CHAR(64), unique=True)
+    secret_hash: str = Field(max_length=64, sa_type=CHAR(64))
     prefix: str = Field(max_length=16)
     created_at: datetime | None = Field(
         default=None,
@@ -243,9 +311,10 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=timestamp_column())
 
 
-# Exact invoice totals per status in shard rows, kept by triggers on invoice (sql/up.sql).
+# Exact invoice totals per status in shard rows, kept in the transactions that change a status.
 class InvoiceStatusCount(SQLModel, table=True):
     __tablename__ = "invoice_status_count"
+    __table_args__ = (TABLE_OPTIONS,)
 
     invoice_status: str = Field(primary_key=True, max_length=10)
     shard: int = Field(primary_key=True, sa_type=TINYINT)

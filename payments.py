@@ -39,9 +39,9 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from db import DATABASE_UNREACHABLE, execute_core
+from db import DATABASE_UNREACHABLE, TransactionConflictError, execute_core
 from idempotency import IdempotentRequest
-from invoices import THIS_INVOICE, find_invoice, lock_invoice
+from invoices import THIS_INVOICE, count_status_change, find_invoice, lock_invoice
 from models import (
     CamelModel,
     Card,
@@ -363,7 +363,7 @@ STILL_PROCESSING = col(Payment.payment_status) == PaymentStatus.PROCESSING
 RECORD_ATTEMPT = insert(Payment.metadata.tables["payment"])
 MARK_PAID = (
     update(Invoice)
-    .where(THIS_INVOICE)
+    .where(THIS_INVOICE, col(Invoice.invoice_status) == InvoiceStatus.PENDING)
     .where(select(Payment.id).where(THIS_ATTEMPT, STILL_PROCESSING).exists())
     .values(invoice_status=InvoiceStatus.PAID)
 )
@@ -397,11 +397,15 @@ async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeR
         try:
             async with session.begin():
                 if result.status == PaymentStatus.SUCCEEDED:
-                    await execute_core(session, MARK_PAID, attempt)
+                    paid = await execute_core(session, MARK_PAID, attempt)
+                    if paid.rowcount:
+                        await count_status_change(
+                            session, InvoiceStatus.PENDING, InvoiceStatus.PAID
+                        )
                 recorded = await execute_core(session, RECORD_OUTCOME, outcome)
                 if recorded.rowcount == 0 and result.status == PaymentStatus.SUCCEEDED:
                     await record_late_charge(session, claimed)
-        except DATABASE_UNREACHABLE:
+        except (*DATABASE_UNREACHABLE, TransactionConflictError):
             if delay is None:
                 logger.error(
                     "payment outcome {} of invoice {} not recorded: database unreachable",

@@ -21,6 +21,10 @@ class Settings(BaseSettings):
 
     db_user: str = "root"
     db_password: SecretStr = SecretStr("example")
+    # The schema's owner, for migrations and `make db-up`; the app itself needs only SELECT,
+    # INSERT, UPDATE and DELETE. Unset: DB_USER owns the schema too.
+    db_schema_user: str | None = None
+    db_schema_password: SecretStr | None = None
     db_url: str = Field(
         default="127.0.0.1:3307/invoice_management",
         pattern=r"^[^:/\s]+(:\d+)?/\w+$",
@@ -88,12 +92,26 @@ class Settings(BaseSettings):
         settle = sum(SETTLE_RETRY_DELAYS_S) + (len(SETTLE_RETRY_DELAYS_S) + 1) * per_try
         return self.fakepay_deadline + settle + STALE_MARGIN_S
 
-    def database_url(self, driver: str = "aiomysql") -> URL:
-        """The SQLAlchemy URL of DB_URL: aiomysql for the app, pymysql for sync tools."""
+    @property
+    def schema_credentials(self) -> tuple[str, str]:
+        """User and password of the schema's owner: DB_SCHEMA_USER, else DB_USER."""
+        if self.db_schema_user is None:
+            return self.db_user, self.db_password.get_secret_value()
+        password = self.db_schema_password or SecretStr("")
+        return self.db_schema_user, password.get_secret_value()
+
+    def database_url(self, driver: str = "aiomysql", *, schema_owner: bool = False) -> URL:
+        """The SQLAlchemy URL of DB_URL: aiomysql for the app, pymysql for sync tools; as the
+        schema's owner for migrations."""
+        user, password = (
+            self.schema_credentials
+            if schema_owner
+            else (self.db_user, self.db_password.get_secret_value())
+        )
         return URL.create(
             f"mysql+{driver}",
-            username=self.db_user,
-            password=self.db_password.get_secret_value(),
+            username=user,
+            password=password,
             host=self.db_host,
             port=self.db_port,
             database=self.db_name,

@@ -121,7 +121,7 @@ async def list_invoices_async(
 
 # The pay flow with the app's durable steps and nothing else: claim (the invoice row locked, no
 # attempt in flight, a PROCESSING attempt recorded), the FakePay call with no transaction
-# open, settle (invoice PAID, attempt SUCCEEDED), then the invoice read back.
+# open, settle (invoice PAID and counted, attempt SUCCEEDED), then the invoice read back.
 LOCK = text("SELECT invoice_status FROM invoice WHERE id = :id FOR UPDATE")
 IN_FLIGHT = text(
     "SELECT 1 FROM payment WHERE invoice_id = :id AND payment_status = 'PROCESSING' LIMIT 1"
@@ -131,6 +131,11 @@ ATTEMPT = text(
     "VALUES (:id, :number, :name, :expiry)"
 )
 PAID = text("UPDATE invoice SET invoice_status = 'PAID' WHERE id = :id")
+COUNT_PAID = text(
+    "UPDATE invoice_status_count SET invoice_count = invoice_count + "
+    "IF(invoice_status = 'PAID', 1, -1) WHERE invoice_status IN ('PENDING', 'PAID') "
+    "AND shard = CONNECTION_ID() % 16"
+)
 SUCCEEDED = text("UPDATE payment SET payment_status = 'SUCCEEDED' WHERE id = :payment_id")
 fakepay = httpx.AsyncClient(timeout=10)
 
@@ -150,6 +155,7 @@ async def pay_invoice_async(invoice_id: str, card: dict[str, str]) -> dict[str, 
         raise HTTPException(502)
     async with async_engine.begin() as connection:
         await connection.execute(PAID, params)
+        await connection.execute(COUNT_PAID)
         await connection.execute(SUCCEEDED, {"payment_id": payment_id})
         row = (await connection.execute(READ, params)).one()
     return as_json(row)

@@ -30,7 +30,7 @@ import httpx
 from models import ApiKeyScope, encode_cursor
 from scripts.api_keys import create as create_api_key
 from scripts.processes import running_app, running_fakepay
-from scripts.schema import admin_connection, apply_script, create_database
+from scripts.schema import admin_connection, count_new_invoices, create_database, upgrade_to_head
 from scripts.seed import seed
 from settings import PROJECT_ROOT as ROOT
 from settings import Settings
@@ -182,11 +182,14 @@ def pending_invoices(config: Settings, count: int) -> list[str]:
     """`count` new PENDING invoices of one customer, for pays to go through."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
     with admin_connection(config, config.db_name) as connection, connection.cursor() as cursor:
+        cursor.execute("BEGIN")
         cursor.executemany(
             "INSERT INTO invoice (id, customer_id, job_description, amount) "
             "VALUES (%s, 5, 'Bench pay', 9.99)",
             [(invoice_id,) for invoice_id in ids],
         )
+        count_new_invoices(cursor, {"PENDING": count})
+        cursor.execute("COMMIT")
     return ids
 
 
@@ -209,7 +212,7 @@ def prepare_database(config: Settings, rows: int, reuse: bool) -> float | None:
     if reuse:
         return None
     create_database(config, recreate=True)
-    apply_script(config, "up.sql")
+    upgrade_to_head(config)
     rate: float = seed(config, rows, batch=5000, writers=2, id_version=7, seed=1)
     return rate
 

@@ -2,8 +2,8 @@
 
 Invoices spread over five years, over every status (roughly 60% PAID, 30% PENDING, 10%
 CANCELLED) and over the seeded customers plus generated ones. Rows go in as multi-row INSERTs
-of a few thousand, one transaction per batch, from several connections at once; the invoice
-triggers keep the counts table right, as for every other write.
+of a few thousand, one transaction per batch, from several connections at once; each batch
+moves the counts table in its own transaction, as every write of the app does.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from models import uuid7
-from scripts.schema import admin_connection
+from scripts.schema import admin_connection, count_new_invoices
 from settings import Settings
 
 JOBS = [
@@ -62,11 +63,13 @@ def batch_values(
     count: int,
     window: tuple[datetime, int],
     id_version: int,
-) -> str:
+) -> tuple[str, Counter[str]]:
     """One VALUES list, its invoices in time order within the batch's window, as they would
-    arrive. Every value is generated here; nothing comes from outside."""
+    arrive, and how many of each status it holds. Every value is generated here; nothing
+    comes from outside."""
     start, width_us = window
     rows = []
+    statuses: Counter[str] = Counter()
     for offset in sorted(rng.randrange(width_us) for _ in range(count)):
         created = start + timedelta(microseconds=offset)
         if id_version == 7:
@@ -75,11 +78,10 @@ def batch_values(
             invoice_id = uuid.UUID(int=rng.getrandbits(128), version=4)
         amount = f"{rng.randrange(100, 500_000) / 100:.2f}"
         stamp = created.strftime("%Y-%m-%d %H:%M:%S.%f")
-        rows.append(
-            f"('{invoice_id}',{rng.choice(customers)},'{rng.choice(JOBS)}',{amount},"
-            f"'{rng.choice(STATUSES)}','{stamp}','{stamp}')"
-        )
-    return ",".join(rows)
+        customer, job, status = rng.choice(customers), rng.choice(JOBS), rng.choice(STATUSES)
+        statuses[status] += 1
+        rows.append(f"('{invoice_id}',{customer},'{job}',{amount},'{status}','{stamp}','{stamp}')")
+    return ",".join(rows), statuses
 
 
 class Batches:
@@ -116,12 +118,13 @@ def write(
     """One writer: its own connection, one transaction per batch, until no batch is left."""
     with admin_connection(config, config.db_name) as connection, connection.cursor() as cursor:
         for size, window in batches:
-            values = batch_values(rng, customers, size, window, id_version)
+            values, statuses = batch_values(rng, customers, size, window, id_version)
             cursor.execute("BEGIN")
             cursor.execute(
                 "INSERT INTO invoice (id, customer_id, job_description, amount, "
                 f"invoice_status, created_at, modified_at) VALUES {values}"
             )
+            count_new_invoices(cursor, statuses)
             cursor.execute("COMMIT")
             progress.update(size)
 

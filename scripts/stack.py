@@ -4,10 +4,10 @@
     python -m scripts.stack with-app COMMAND... | serve-guard HOST
 
 `db-up` reuses a server that already answers at DB_URL with the configured credentials (a
-docker-compose MySQL, say). Otherwise it runs a private MariaDB or MySQL 8 out of `.data/`,
-bound to DB_URL's loopback port, reading no system configuration, so it never touches the
-machine's own database server. Then it creates the database and applies `sql/up.sql` when the
-tables are missing.
+docker-compose MySQL, say), and waits for one that holds the port but is still starting.
+Otherwise it runs a private MariaDB or MySQL 8 out of `.data/`, bound to DB_URL's loopback
+port, reading no system configuration, so it never touches the machine's own database server.
+Then it brings the database to the head migration in place (`scripts.schema.upgrade_to_head`).
 
 `fakepay-up` starts `fake_pay.py` in the background when nothing answers on FAKEPAY_URL's port.
 """
@@ -21,37 +21,51 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pymysql
 
 from scripts.processes import port_answers, running_app
-from scripts.schema import admin_connection, apply_script, create_database, existing_tables
+from scripts.schema import (
+    SchemaError,
+    admin_connection,
+    apply_script,
+    create_database,
+    upgrade_to_head,
+)
 from settings import PROJECT_ROOT, Settings
 
 DATA = PROJECT_ROOT / ".data"
-DATADIR = DATA / "mysql"
-SOCKET = DATA / "mysql.sock"
-PID_FILE = DATA / "mysql.pid"
-ERROR_LOG = DATA / "mysql.err"
 FAKEPAY_PID_FILE = DATA / "fakepay.pid"
 FAKEPAY_LOG = DATA / "fakepay.log"
 READY_TIMEOUT_S = 30
-TABLES = {
-    "customer",
-    "invoice",
-    "payment",
-    "invoice_status_count",
-    "idempotency_key",
-    "api_key",
-}
+# A server that holds the port but does not answer yet (a container's first start, which
+# initialises its data directory) gets this long before `db-up` gives up on it.
+STARTING_SERVER_TIMEOUT_S = 120
 
 INSTALL_HINT = """No MySQL-compatible server is installed and none answers at {address}.
 Install one, then run `make db-up` again:
   Debian/Ubuntu:  sudo apt-get install -y mariadb-server
   macOS:          brew install mariadb     (or: brew install mysql)
 Or run MySQL 8 in Docker instead: `docker compose up -d` (see docker-compose.yml)."""
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """Where a private server keeps its data, socket, pid and log: `.data/mysql*` for the
+    default port 3307, `.data/mysql-PORT*` for any other, so two can run side by side."""
+
+    datadir: Path
+    socket: Path
+    pid_file: Path
+    error_log: Path
+
+    @classmethod
+    def of(cls, config: Settings) -> ServerFiles:
+        name = "mysql" if config.db_port == 3307 else f"mysql-{config.db_port}"
+        return cls(DATA / name, DATA / f"{name}.sock", DATA / f"{name}.pid", DATA / f"{name}.err")
 
 
 def log(message: str) -> None:
@@ -65,6 +79,25 @@ def answers(config: Settings) -> bool:
     except pymysql.err.OperationalError:
         return False
     return True
+
+
+def wait_for_starting_server(config: Settings) -> bool:
+    """Something holds DB_URL's port but refuses the handshake: wait for it to answer rather
+    than start a second server on the same port. Whether it did."""
+    if not port_answers(config.db_host, config.db_port):
+        return False
+    log(f"{config.db_host}:{config.db_port} is taken by a server that is not ready yet; waiting")
+    deadline = time.monotonic() + STARTING_SERVER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if answers(config):
+            return True
+        time.sleep(1)
+    raise SystemExit(
+        f"Something holds {config.db_host}:{config.db_port} but has not accepted "
+        f"{config.db_user}'s login for {STARTING_SERVER_TIMEOUT_S} s. If it is a MySQL "
+        "container, see `docker compose logs mysql`; check DB_USER and DB_PASSWORD; or free "
+        "the port and run `make db-up` again to start the private server."
+    )
 
 
 def server_binary() -> tuple[str, str] | None:
@@ -95,9 +128,9 @@ def user_args() -> list[str]:
     return ["--user=root"] if os.geteuid() == 0 else []
 
 
-def initialise(flavour: str, binary: str) -> None:
-    log(f"initialising a new data directory in {DATADIR}")
-    DATADIR.mkdir(parents=True, exist_ok=True)
+def initialise(flavour: str, binary: str, files: ServerFiles) -> None:
+    log(f"initialising a new data directory in {files.datadir}")
+    files.datadir.mkdir(parents=True, exist_ok=True)
     if flavour == "mariadb":
         install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
         if not install_db:
@@ -105,33 +138,55 @@ def initialise(flavour: str, binary: str) -> None:
         command = [
             install_db,
             "--no-defaults",
-            f"--datadir={DATADIR}",
+            f"--datadir={files.datadir}",
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
             *user_args(),
         ]
     else:
-        command = [binary, "--no-defaults", "--initialize-insecure", f"--datadir={DATADIR}"]
+        command = [binary, "--no-defaults", "--initialize-insecure", f"--datadir={files.datadir}"]
         command += user_args()
-    with ERROR_LOG.open("a") as error_log:
+    with files.error_log.open("a") as error_log:
         subprocess.run(command, check=True, stdout=error_log, stderr=subprocess.STDOUT)
 
 
-def start(binary: str, config: Settings) -> None:
+def server_options(flavour: str, config: Settings) -> list[str]:
+    """The private server's options, the same ones docker-compose.yml gives MySQL 8.
+
+    Binary logging is off unless DB_BINLOG=on (MySQL 8 turns it on by default; MariaDB
+    leaves it off); with it on, the schema still installs without SUPER. MySQL 8 also gets
+    its X Plugin switched off (it would listen on 33060 on every interface) and its redo log
+    sized with the option that replaced innodb_log_file_size in 8.0.30.
+    """
+    options = [
+        f"--port={config.db_port}",
+        "--bind-address=127.0.0.1",
+        "--skip-name-resolve",
+        "--character-set-server=utf8mb4",
+        "--collation-server=utf8mb4_bin",
+        "--innodb-buffer-pool-size=1G",
+        "--max-connections=400",
+    ]
+    if os.environ.get("DB_BINLOG") == "on":
+        options += ["--log-bin=binlog", "--server-id=1", "--binlog-format=ROW"]
+    elif flavour == "mysql":
+        options.append("--disable-log-bin")
+    if flavour == "mysql":
+        options += ["--mysqlx=OFF", "--innodb-redo-log-capacity=1G"]
+    else:
+        options.append("--innodb-log-file-size=512M")
+    return options
+
+
+def start(flavour: str, binary: str, config: Settings, files: ServerFiles) -> None:
     command = [
         binary,
         "--no-defaults",
-        f"--datadir={DATADIR}",
-        f"--port={config.db_port}",
-        "--bind-address=127.0.0.1",
-        f"--socket={SOCKET}",
-        f"--pid-file={PID_FILE}",
-        f"--log-error={ERROR_LOG}",
-        "--skip-name-resolve",
-        "--character-set-server=utf8mb4",
-        "--innodb-buffer-pool-size=1G",
-        "--innodb-log-file-size=512M",
-        "--max-connections=400",
+        f"--datadir={files.datadir}",
+        f"--socket={files.socket}",
+        f"--pid-file={files.pid_file}",
+        f"--log-error={files.error_log}",
+        *server_options(flavour, config),
         *user_args(),
     ]
     log(f"starting {Path(binary).name} on 127.0.0.1:{config.db_port}")
@@ -144,27 +199,28 @@ def start(binary: str, config: Settings) -> None:
     )
 
 
-def wait_for_socket() -> None:
+def wait_for_socket(files: ServerFiles) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            pymysql.connect(unix_socket=str(SOCKET), user="root", password="").close()
+            pymysql.connect(unix_socket=str(files.socket), user="root", password="").close()
             return
         except pymysql.err.OperationalError as exc:
             if exc.args[0] == 1045:  # access denied: it is up, with a password already set
                 return
         time.sleep(0.2)
-    tail = ERROR_LOG.read_text(errors="replace").splitlines()[-30:] if ERROR_LOG.exists() else []
+    error_log = files.error_log
+    tail = error_log.read_text(errors="replace").splitlines()[-30:] if error_log.exists() else []
     raise SystemExit(
         f"The server did not become ready within {READY_TIMEOUT_S} s. "
-        f"Last lines of {ERROR_LOG}:\n" + "\n".join(tail)
+        f"Last lines of {error_log}:\n" + "\n".join(tail)
     )
 
 
-def set_root_password(config: Settings) -> None:
+def set_root_password(config: Settings, files: ServerFiles) -> None:
     """Give root the configured password over TCP from 127.0.0.1 and locally (first start only)."""
     try:
-        connection = pymysql.connect(unix_socket=str(SOCKET), user="root", password="")
+        connection = pymysql.connect(unix_socket=str(files.socket), user="root", password="")
     except pymysql.err.OperationalError:
         return  # already secured on an earlier run
     password = config.db_password.get_secret_value()
@@ -179,7 +235,7 @@ def set_root_password(config: Settings) -> None:
 
 
 def ensure_server(config: Settings) -> None:
-    if answers(config):
+    if answers(config) or wait_for_starting_server(config):
         log(f"a server already answers on {config.db_host}:{config.db_port}")
         return
     if config.db_host not in {"127.0.0.1", "localhost"}:
@@ -191,33 +247,28 @@ def ensure_server(config: Settings) -> None:
         if found is None:
             raise SystemExit(INSTALL_HINT.format(address=f"127.0.0.1:{config.db_port}"))
     flavour, binary = found
+    files = ServerFiles.of(config)
     DATA.mkdir(exist_ok=True)
-    if not (DATADIR / "mysql").is_dir():
-        initialise(flavour, binary)
-    start(binary, config)
-    wait_for_socket()
-    set_root_password(config)
+    if not (files.datadir / "mysql").is_dir():
+        initialise(flavour, binary, files)
+    start(flavour, binary, config, files)
+    wait_for_socket(files)
+    set_root_password(config, files)
     if not answers(config):
         raise SystemExit(
             f"The private server runs but refuses {config.db_user} at 127.0.0.1:{config.db_port}."
-            f" Check DB_USER/DB_PASSWORD, or remove {DATADIR} to start afresh."
+            f" Check DB_USER/DB_PASSWORD, or remove {files.datadir} to start afresh."
         )
     log("ready")
 
 
 def ensure_schema(config: Settings) -> None:
-    create_database(config)
-    present = existing_tables(config) & TABLES
-    if not present:
-        apply_script(config, "up.sql")
-        log(f"created the tables and seed data in `{config.db_name}`")
-    elif present != TABLES:
-        raise SystemExit(
-            f"`{config.db_name}` has only some of the tables ({', '.join(sorted(present))}): "
-            "run `make db-reset` to recreate them."
-        )
-    else:
-        log(f"schema `{config.db_name}` is in place")
+    """The database at the head migration, upgraded in place; stops with what is wrong and
+    how to fix it when that cannot be done safely."""
+    try:
+        log(upgrade_to_head(config))
+    except SchemaError as error:
+        raise SystemExit(str(error)) from None
 
 
 def reset_schema(config: Settings) -> None:
@@ -288,6 +339,34 @@ def with_app(command: list[str]) -> int:
         raise SystemExit(f"the app did not start ({exc}); see {log_path}") from None
 
 
+# The MySQL-8-like run (`make test-mysql8`): a schema owner without SUPER, and an app user
+# that may only read and write rows.
+SCHEMA_OWNER = ("invoice_owner", "owner-password")
+APP_USER = ("invoice_app", "app-password")
+APP_PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE"
+
+
+def least_privilege(config: Settings) -> None:
+    """Create the schema owner and the app user for DB_URL's database and every database
+    named after it (the tests' own, their scratch ones), and print their settings as NAME=value
+    lines. Refuses a server with binary logging off: the point is MySQL 8's default."""
+    databases = config.db_name.replace("_", "\\_") + "%"
+    with admin_connection(config) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT @@log_bin")
+        (log_bin,) = cursor.fetchone() or (0,)
+        if not log_bin:
+            raise SystemExit("binary logging is off on this server: start it with DB_BINLOG=on")
+        for (user, password), privileges in ((SCHEMA_OWNER, "ALL"), (APP_USER, APP_PRIVILEGES)):
+            for host in ("localhost", "127.0.0.1"):
+                cursor.execute(
+                    f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY %s", (password,)
+                )
+                cursor.execute(f"GRANT {privileges} ON `{databases}`.* TO '{user}'@'{host}'")
+    owner, app = SCHEMA_OWNER, APP_USER
+    print(f"DB_USER={app[0]}\nDB_PASSWORD={app[1]}")
+    print(f"DB_SCHEMA_USER={owner[0]}\nDB_SCHEMA_PASSWORD={owner[1]}")
+
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -316,6 +395,7 @@ def main() -> None:
             "fakepay-down",
             "with-app",
             "serve-guard",
+            "least-privilege",
         ],
     )
     parser.add_argument(
@@ -331,11 +411,13 @@ def main() -> None:
         ensure_server(config)
         reset_schema(config)
     elif action == "db-down":
-        stop_process(PID_FILE, "the private database server")
+        stop_process(ServerFiles.of(config).pid_file, "the private database server")
     elif action == "fakepay-up":
         fakepay_up(config)
     elif action == "with-app":
         sys.exit(with_app(arguments.command))
+    elif action == "least-privilege":
+        least_privilege(config)
     elif action == "serve-guard":
         serve_guard(config, arguments.command[0] if arguments.command else "127.0.0.1")
     else:

@@ -1,14 +1,17 @@
--- Creates the invoice tables in the current database and loads the seed data.
--- MySQL 8 compatible; also runs on MariaDB 10.6 and later.
+-- Creates the invoice tables in the current database and loads the seed data: the schema of
+-- the head migration (migrations/), which the tests prove this script matches, stamped with
+-- that revision so `make db-up` knows where the database stands.
+-- MySQL 8.0.16 or later, or MariaDB 10.6 or later; needs no SUPER, binary logging on or off.
 
 CREATE TABLE customer (
-    customer_id    INT          NOT NULL AUTO_INCREMENT,
-    customer_name  VARCHAR(100) NOT NULL,
-    -- case-insensitive, so the unique index refuses John@x.com beside john@x.com
-    customer_email VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci NOT NULL,
+    customer_id        INT          NOT NULL AUTO_INCREMENT,
+    customer_name      VARCHAR(100) NOT NULL,
+    customer_email     VARCHAR(255) NOT NULL,
+    -- unique ignoring letter case only: LOWER() folds no accents, and no ß into ss
+    customer_email_key VARCHAR(255) AS (LOWER(customer_email)) STORED,
     PRIMARY KEY (customer_id),
-    UNIQUE INDEX uq_customer_email (customer_email)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+    UNIQUE INDEX uq_customer_email (customer_email_key)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 CREATE TABLE invoice (
     id              CHAR(36)      NOT NULL,
@@ -28,7 +31,7 @@ CREATE TABLE invoice (
     INDEX ix_invoice_status_created (invoice_status, created_at, id),
     INDEX ix_invoice_customer_created (customer_id, created_at, id),
     INDEX ix_invoice_customer_status_created (customer_id, invoice_status, created_at, id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 -- One row per attempt to charge a card for an invoice; never the full card number.
 CREATE TABLE payment (
@@ -42,12 +45,12 @@ CREATE TABLE payment (
     created_at     DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     modified_at    DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
     PRIMARY KEY (id),
-    CONSTRAINT fk_payment_invoice FOREIGN KEY (invoice_id) REFERENCES invoice (id),
     CONSTRAINT ck_payment_status CHECK (
         payment_status IN
             ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', 'ABANDONED', 'REFUND_DUE')),
-    INDEX ix_payment_invoice_status (invoice_id, payment_status)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+    INDEX ix_payment_invoice_status (invoice_id, payment_status),
+    CONSTRAINT fk_payment_invoice FOREIGN KEY (invoice_id) REFERENCES invoice (id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 -- Idempotency-Key: the first reply to a request, replayed to its retries. A row is written in
 -- the same transaction as the first change its request makes (an invoice created, a payment
@@ -63,7 +66,7 @@ CREATE TABLE idempotency_key (
     expires_at      DATETIME(6)  NOT NULL,
     PRIMARY KEY (owner, idempotency_key),
     INDEX ix_idempotency_key_expires (expires_at)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 -- API keys (AUTH=on): the SHA-256 of each secret, never the secret; a prefix to recognise it.
 CREATE TABLE api_key (
@@ -79,18 +82,26 @@ CREATE TABLE api_key (
     UNIQUE INDEX uq_api_key_name (name),
     UNIQUE INDEX uq_api_key_secret_hash (secret_hash),
     CONSTRAINT ck_api_key_scope CHECK (scope IN ('read', 'write'))
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 -- Exact invoice totals per status for GET /invoices without COUNT(*) over millions of rows.
--- The triggers on invoice keep them in the same transaction as every insert, status change
--- and delete, whoever writes. Each status is spread over 16 shard rows, chosen by connection,
--- so concurrent writers do not queue on one hot row; a total is the sum of its shards.
+-- Every transaction that inserts an invoice or changes its status updates them too. Each
+-- status is spread over 16 shard rows, chosen by connection, so concurrent writers do not
+-- queue on one hot row; a total is the sum of its shards.
 CREATE TABLE invoice_status_count (
     invoice_status VARCHAR(10) NOT NULL,
     shard          TINYINT     NOT NULL,
     invoice_count  BIGINT      NOT NULL DEFAULT 0,
     PRIMARY KEY (invoice_status, shard)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+
+-- Alembic's record of the revision this schema is at.
+CREATE TABLE alembic_version (
+    version_num VARCHAR(32) NOT NULL,
+    PRIMARY KEY (version_num)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+
+INSERT INTO alembic_version (version_num) VALUES ('0002');
 
 INSERT INTO invoice_status_count (invoice_status, shard)
 WITH RECURSIVE shards (n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM shards WHERE n < 15)
@@ -98,21 +109,6 @@ SELECT statuses.invoice_status, shards.n
 FROM (SELECT 'PENDING' AS invoice_status UNION ALL SELECT 'PAID' UNION ALL SELECT 'CANCELLED')
     AS statuses
 CROSS JOIN shards;
-
-CREATE TRIGGER invoice_count_after_insert AFTER INSERT ON invoice FOR EACH ROW
-    UPDATE invoice_status_count SET invoice_count = invoice_count + 1
-    WHERE invoice_status = NEW.invoice_status AND shard = CONNECTION_ID() % 16;
-
-CREATE TRIGGER invoice_count_after_update AFTER UPDATE ON invoice FOR EACH ROW
-    UPDATE invoice_status_count
-    SET invoice_count = invoice_count + IF(invoice_status = NEW.invoice_status, 1, -1)
-    WHERE NEW.invoice_status <> OLD.invoice_status
-      AND invoice_status IN (OLD.invoice_status, NEW.invoice_status)
-      AND shard = CONNECTION_ID() % 16;
-
-CREATE TRIGGER invoice_count_after_delete AFTER DELETE ON invoice FOR EACH ROW
-    UPDATE invoice_status_count SET invoice_count = invoice_count - 1
-    WHERE invoice_status = OLD.invoice_status AND shard = CONNECTION_ID() % 16;
 
 INSERT INTO customer (customer_id, customer_name, customer_email) VALUES
     (1, 'John Doe', 'john.doe@example.com'),
@@ -132,3 +128,10 @@ INSERT INTO invoice (id, customer_id, job_description, amount, invoice_status, c
         '2025-03-17 09:15:00', '2025-03-17 09:15:00'),
     ('6f53c7be-0369-11f0-8d97-7c646cb7c0bc', 3, 'Consultation Service', 300.25, 'PENDING',
         '2025-03-17 09:20:00', '2025-03-17 09:20:00');
+
+-- The seed invoices' counts (PAID 2, PENDING 2, CANCELLED 1), in the first shard.
+UPDATE invoice_status_count
+SET invoice_count = (
+    SELECT COUNT(*) FROM invoice WHERE invoice.invoice_status = invoice_status_count.invoice_status
+)
+WHERE shard = 0;

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scripts.processes import Running, running_app, running_fakepay
-from scripts.schema import apply_script, create_database
+from scripts.schema import apply_script, create_database, upgrade_to_head
 from tests.stand_in import StandInProvider
 from tests.support import FAKEPAY_PORT, FakePayProcess, OverrideFakePay, UseProvider, settings
 
@@ -35,14 +35,15 @@ def app_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def database() -> None:
-    """A database of the tests' own, built by the project's own up.sql."""
+    """A database of the tests' own, built by the migrations, as `make db-up` builds one."""
     create_database(settings, recreate=True)
-    apply_script(settings, "up.sql")
+    upgrade_to_head(settings)
 
 
 @pytest.fixture
 def seeded_database(database: None) -> None:
-    """The seed data exactly as up.sql leaves it, for tests that use the seeded invoices."""
+    """The seed data exactly as up.sql leaves it, for tests that use the seeded invoices (the
+    script and the migrations make the same schema: test_schema)."""
     apply_script(settings, "down.sql")
     apply_script(settings, "up.sql")
 

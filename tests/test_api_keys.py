@@ -12,6 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from models import ApiKeyScope
+from scripts.api_keys import create as create_api_key
 from scripts.processes import PROJECT_ROOT
 from tests.support import (
     J_DOE_CARD,
@@ -228,3 +230,16 @@ def test_live_server_with_auth_on_refuses_a_request_without_key(
     response = httpx.get(f"{live_server_with_auth}/invoices")
 
     assert response.status_code == 401
+
+
+def test_key_names_compare_exactly_on_every_server() -> None:
+    # The server's default collation would make these one name on MySQL 8 (utf8mb4_0900_ai_ci)
+    # and two on MariaDB (utf8mb4_general_ci); the schema's own collation makes them two on both.
+    tag = uuid.uuid4().hex[:8]
+
+    first = create_api_key(settings, f"straße-{tag}", ApiKeyScope.READ)
+    second = create_api_key(settings, f"strasse-{tag}", ApiKeyScope.READ)
+
+    assert first != second
+    with pytest.raises(SystemExit, match="already exists"):
+        create_api_key(settings, f"strasse-{tag}", ApiKeyScope.READ)

@@ -120,3 +120,25 @@ def test_customers_are_listed_by_id_in_page_envelopes(client: TestClient) -> Non
     ids = [c["customerId"] for c in first["items"] + second["items"]]
     assert ids == sorted(ids)
     assert ids[:2] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("stored", "other"),
+    [
+        ("é@exämple.com", "e@example.com"),
+        ("ß@strasse.de", "ss@strasse.de"),
+        ("jose@x.com", "josé@x.com"),
+    ],
+)
+def test_emails_that_differ_by_more_than_case_are_two_customers(
+    client: TestClient, stored: str, other: str
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    first, second = (f"{tag}.{email}" for email in (stored, other))
+
+    created = client.post("/customer", json={"customerName": "One", "customerEmail": first})
+    another = client.post("/customer", json={"customerName": "Two", "customerEmail": second})
+
+    assert created.status_code == 201
+    assert another.status_code == 201, another.text
+    assert another.json()["customerId"] != created.json()["customerId"]

@@ -1,0 +1,157 @@
+"""Baseline: the tables and seed rows as sql/up.sql created them before migrations existed.
+
+The tables are kept verbatim, so a database made by that script is recognised and stamped at
+this revision (`scripts.schema.adopt_unversioned`), and an empty database starts from the same
+history. One thing is left out: the script's triggers on `invoice`, which kept the counts per
+status. Creating a trigger needs SUPER on a server with binary logging on (MySQL 8's default),
+so the counts are set here from the rows, and the next revision drops the triggers where an
+older database has them and lets the app keep the counts.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-12-01
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0001"
+down_revision: str | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+STATEMENTS = (
+    """
+    CREATE TABLE customer (
+        customer_id    INT          NOT NULL AUTO_INCREMENT,
+        customer_name  VARCHAR(100) NOT NULL,
+        customer_email VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci NOT NULL,
+        PRIMARY KEY (customer_id),
+        UNIQUE INDEX uq_customer_email (customer_email)
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+    """,
+    """
+    CREATE TABLE invoice (
+        id              CHAR(36)      NOT NULL,
+        customer_id     INT           NOT NULL,
+        job_description VARCHAR(255)  NOT NULL,
+        amount          DECIMAL(12,2) NOT NULL,
+        invoice_status  VARCHAR(10)   NOT NULL DEFAULT 'PENDING',
+        created_at      DATETIME(6)   NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+        modified_at     DATETIME(6)   NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+        PRIMARY KEY (id),
+        CONSTRAINT fk_invoice_customer FOREIGN KEY (customer_id) REFERENCES customer (customer_id),
+        CONSTRAINT ck_invoice_amount CHECK (amount > 0),
+        CONSTRAINT ck_invoice_status CHECK (invoice_status IN ('PENDING', 'PAID', 'CANCELLED')),
+        INDEX ix_invoice_created (created_at, id),
+        INDEX ix_invoice_status_created (invoice_status, created_at, id),
+        INDEX ix_invoice_customer_created (customer_id, created_at, id),
+        INDEX ix_invoice_customer_status_created (customer_id, invoice_status, created_at, id)
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+    """,
+    """
+    CREATE TABLE payment (
+        id             BIGINT       NOT NULL AUTO_INCREMENT,
+        invoice_id     CHAR(36)     NOT NULL,
+        card_number    CHAR(18)     NOT NULL,
+        card_name      VARCHAR(50)  NOT NULL,
+        card_expiry    CHAR(7)      NOT NULL,
+        payment_status VARCHAR(10)  NOT NULL DEFAULT 'PROCESSING',
+        reason         VARCHAR(255) NULL,
+        created_at     DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+        modified_at    DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+        PRIMARY KEY (id),
+        CONSTRAINT fk_payment_invoice FOREIGN KEY (invoice_id) REFERENCES invoice (id),
+        CONSTRAINT ck_payment_status CHECK (
+            payment_status IN
+                ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', 'ABANDONED', 'REFUND_DUE')),
+        INDEX ix_payment_invoice_status (invoice_id, payment_status)
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+    """,
+    """
+    CREATE TABLE idempotency_key (
+        owner           VARCHAR(64)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL DEFAULT '',
+        idempotency_key VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+        fingerprint     CHAR(64)     NOT NULL,
+        invoice_id      CHAR(36)     NOT NULL,
+        response_status SMALLINT     NULL,
+        response_body   TEXT         NULL,
+        created_at      DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+        expires_at      DATETIME(6)  NOT NULL,
+        PRIMARY KEY (owner, idempotency_key),
+        INDEX ix_idempotency_key_expires (expires_at)
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+    """,
+    """
+    CREATE TABLE api_key (
+        id           INT          NOT NULL AUTO_INCREMENT,
+        name         VARCHAR(64)  NOT NULL,
+        scope        VARCHAR(5)   NOT NULL,
+        secret_hash  CHAR(64)     NOT NULL,
+        prefix       VARCHAR(16)  NOT NULL,
+        created_at   DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+        last_used_at DATETIME(6)  NULL,
+        revoked_at   DATETIME(6)  NULL,
+        PRIMARY KEY (id),
+        UNIQUE INDEX uq_api_key_name (name),
+        UNIQUE INDEX uq_api_key_secret_hash (secret_hash),
+        CONSTRAINT ck_api_key_scope CHECK (scope IN ('read', 'write'))
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+    """,
+    """
+    CREATE TABLE invoice_status_count (
+        invoice_status VARCHAR(10) NOT NULL,
+        shard          TINYINT     NOT NULL,
+        invoice_count  BIGINT      NOT NULL DEFAULT 0,
+        PRIMARY KEY (invoice_status, shard)
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4
+    """,
+    """
+    INSERT INTO invoice_status_count (invoice_status, shard)
+    WITH RECURSIVE shards (n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM shards WHERE n < 15)
+    SELECT statuses.invoice_status, shards.n
+    FROM (SELECT 'PENDING' AS invoice_status UNION ALL SELECT 'PAID' UNION ALL SELECT 'CANCELLED')
+        AS statuses
+    CROSS JOIN shards
+    """,
+    """
+    INSERT INTO customer (customer_id, customer_name, customer_email) VALUES
+        (1, 'John Doe', 'john.doe@example.com'),
+        (2, 'Jane Smith', 'jane.smith@example.com'),
+        (3, 'Seth Hall', 'seth.hall@paymark.co.nz'),
+        (4, 'Amanda Lee', 'amanda.lee@paymark.co.nz'),
+        (5, 'Robert Smith', 'rob.smith@email.com')
+    """,
+    """
+    INSERT INTO invoice (id, customer_id, job_description, amount, invoice_status, created_at, modified_at) VALUES
+        ('6f53c4e0-0369-11f0-8d97-7c646cb7c0bc', 1, 'Website Development', 450.75, 'PAID',
+            '2025-03-17 09:00:00', '2025-03-17 09:00:00'),
+        ('6f53c6a2-0369-11f0-8d97-7c646cb7c0bc', 1, 'Graphic Design Service', 220.50, 'PAID',
+            '2025-03-17 09:05:00', '2025-03-17 09:05:00'),
+        ('6f53c715-0369-11f0-8d97-7c646cb7c0bc', 3, 'SEO Optimization', 175.00, 'PENDING',
+            '2025-03-17 09:10:00', '2025-03-17 09:10:00'),
+        ('a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc', 4, 'Software License Fee', 99.99, 'CANCELLED',
+            '2025-03-17 09:15:00', '2025-03-17 09:15:00'),
+        ('6f53c7be-0369-11f0-8d97-7c646cb7c0bc', 3, 'Consultation Service', 300.25, 'PENDING',
+            '2025-03-17 09:20:00', '2025-03-17 09:20:00')
+    """,
+    """
+    UPDATE invoice_status_count
+    SET invoice_count = (
+        SELECT COUNT(*) FROM invoice WHERE invoice.invoice_status = invoice_status_count.invoice_status
+    )
+    WHERE shard = 0
+    """,
+)
+TABLES = ("idempotency_key", "api_key", "payment", "invoice_status_count", "invoice", "customer")
+
+
+def upgrade() -> None:
+    for statement in STATEMENTS:
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    for table in TABLES:
+        op.drop_table(table)
