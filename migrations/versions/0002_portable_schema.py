@@ -18,6 +18,7 @@ Create Date: 2026-12-01
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0002"
@@ -44,8 +45,16 @@ RECOUNT = (
 
 
 def upgrade() -> None:
-    for trigger in TRIGGERS:
-        op.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    # Only those that exist: with binary logging on, even DROP TRIGGER IF EXISTS needs SUPER.
+    present = op.get_bind().execute(
+        sa.text(
+            "SELECT trigger_name FROM information_schema.triggers "
+            "WHERE trigger_schema = DATABASE() AND trigger_name IN :names"
+        ).bindparams(sa.bindparam("names", expanding=True)),
+        {"names": list(TRIGGERS)},
+    )
+    for (trigger,) in present.all():
+        op.execute(f"DROP TRIGGER {trigger}")
     for statement in RECOUNT:
         op.execute(statement)
     op.execute(f"ALTER DATABASE {COLLATION}")
