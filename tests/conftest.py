@@ -93,14 +93,16 @@ def override_fakepay(client: TestClient) -> Iterator[OverrideFakePay]:
 
 @pytest.fixture
 def use_provider(client: TestClient, override_fakepay: OverrideFakePay) -> Iterator[UseProvider]:
-    """Point the in-process app at another provider URL (or another client class) for one
-    test. The client is made on the app's event loop, where it will run."""
+    """Point the in-process app at another provider URL (or another client class, or other
+    provider settings) for one test. The client is made on the app's event loop, where it
+    will run."""
     from payments import FakePayClient
 
     replacements: list[FakePayClient] = []
 
-    def use(url: str, client_class: type[FakePayClient] = FakePayClient) -> None:
-        config = settings.model_copy(update={"fakepay_url": url})
+    def use(url: str, client_class: type[FakePayClient] = FakePayClient, **overrides: Any) -> None:
+        """`overrides`: other settings for this client, such as `fakepay_timeout=10`."""
+        config = settings.model_copy(update={**overrides, "fakepay_url": url})
         replacement = client.portal.call(client_class, config)  # type: ignore[union-attr]
         replacements.append(replacement)
 

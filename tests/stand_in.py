@@ -19,14 +19,19 @@ class Behaviour:
     trickle_s: float = 0.0  # > 0: send the reply one byte at a time, this far apart
     trickle_head: bool = False  # trickle the status line and headers too, not only the body
     headers: dict[str, str] = field(default_factory=dict)
+    gate: threading.Event | None = None  # set: hold the request until the event is set
+    drop: bool = False  # read the request, then close the connection without a reply
 
 
 class StandInProvider:
-    """Answers every POST with the current `behaviour`; counts what it received."""
+    """Answers every POST with the next queued behaviour (`answer_next`), else the current
+    `behaviour`; counts what it received and what it answered."""
 
     def __init__(self) -> None:
         self.behaviour = Behaviour()
         self.received: list[dict[str, Any]] = []
+        self.answered: list[dict[str, Any]] = []  # the requests whose reply was sent in full
+        self._queue: list[Behaviour] = []
         self._lock = threading.Lock()
         provider = self
 
@@ -35,8 +40,15 @@ class StandInProvider:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with provider._lock:
                     provider.received.append(json.loads(body))
-                    behaviour = provider.behaviour
+                    behaviour = provider._queue.pop(0) if provider._queue else provider.behaviour
+                if behaviour.gate is not None:
+                    behaviour.gate.wait(timeout=30)
                 time.sleep(behaviour.delay_s)
+                if behaviour.drop:
+                    self.close_connection = True
+                    with suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 with suppress(ConnectionError):  # the app may have given up waiting
                     if behaviour.trickle_head:
                         self.trickle_whole_reply(behaviour)
@@ -54,6 +66,8 @@ class StandInProvider:
                             time.sleep(behaviour.trickle_s)
                     else:
                         self.wfile.write(behaviour.body)
+                    with provider._lock:
+                        provider.answered.append(json.loads(body))
 
             def trickle_whole_reply(self, behaviour: Behaviour) -> None:
                 head = (
@@ -84,6 +98,23 @@ class StandInProvider:
     ) -> None:
         encoded = json.dumps(body).encode() if isinstance(body, dict) else body
         self.behaviour = Behaviour(status, encoded, delay_s, trickle_s, trickle_head, headers or {})
+
+    def answer_next(
+        self,
+        status: int = 200,
+        body: bytes | dict[str, Any] = b'{"message": "Payment processed successfully"}',
+        gate: threading.Event | None = None,
+        drop: bool = False,
+    ) -> None:
+        """The next request not yet answered gets this instead of `behaviour`; queued calls
+        apply in order, one request each."""
+        encoded = json.dumps(body).encode() if isinstance(body, dict) else body
+        with self._lock:
+            self._queue.append(Behaviour(status, encoded, gate=gate, drop=drop))
+
+    def drop_connections(self) -> None:
+        """From now on read each request, then close the connection without replying."""
+        self.behaviour = Behaviour(drop=True)
 
     def requests_for(self, transaction_id: str) -> list[dict[str, Any]]:
         return [body for body in self.received if body.get("transactionId") == transaction_id]

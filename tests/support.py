@@ -7,8 +7,12 @@ imports it first.
 
 import json
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx
@@ -17,6 +21,7 @@ from sqlmodel import Session, col, select
 
 import settings as app_settings
 from scripts.processes import Running, free_port
+from tests.stand_in import StandInProvider
 
 FAKEPAY_PORT = free_port()
 _configured = app_settings.Settings()
@@ -86,6 +91,107 @@ def insert_attempt(invoice_id: str, status: str = "PROCESSING", age_s: int = 0) 
             ),
             {"id": invoice_id, "status": status, "age": age_s},
         )
+
+
+def invoices_described(job: str) -> int:
+    """How many invoices have this job description, counted in the table."""
+    with direct_engine.connect() as connection:
+        query = text("SELECT COUNT(*) FROM invoice WHERE job_description = :job")
+        count: int = connection.execute(query, {"job": job}).scalar_one()
+    return count
+
+
+def last_month() -> str:
+    """The expiry MM-YYYY of a card that expired at the end of last month."""
+    now = datetime.now(UTC)
+    year, month = (now.year, now.month - 1) if now.month > 1 else (now.year - 1, 12)
+    return f"{month:02d}-{year}"
+
+
+def wait_until(
+    condition: Callable[[], object], what: str, timeout_s: float = 10, every_s: float = 0.01
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {timeout_s:g} s for {what}"
+        time.sleep(every_s)
+
+
+# What a PROCESSING attempt past the stale margin is marked once a later pay of its invoice
+# replaces it. After the payments redesign it stays UNKNOWN instead.
+SUPERSEDED = "ABANDONED"
+
+
+def make_attempts_stale(invoice_id: str) -> None:
+    """Backdate the invoice's PROCESSING attempts an hour, far past any stale margin: as if
+    the requests that made them had stalled long ago."""
+    with direct_engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE payment SET created_at = created_at - INTERVAL 1 HOUR "
+                "WHERE invoice_id = :id AND payment_status = 'PROCESSING'"
+            ),
+            {"id": invoice_id},
+        )
+
+
+@dataclass
+class HeldPayment:
+    """A pay request whose call the provider holds; its reply once it has ended."""
+
+    invoice_id: str
+    replies: list[httpx.Response] = field(default_factory=list)
+
+    @property
+    def reply(self) -> httpx.Response:
+        (reply,) = self.replies
+        return reply
+
+
+@contextmanager
+def superseded_attempt(
+    http: Poster,
+    provider: StandInProvider,
+    invoice_id: str,
+    late: tuple[int, dict[str, Any]] | None,
+) -> Iterator[HeldPayment]:
+    """An attempt in flight at the provider that a later attempt then supersedes.
+
+    Pays `invoice_id` from a thread; the provider holds that call. Once it has arrived the
+    attempt is made stale, so the next pay of the invoice supersedes it: that, and whatever
+    else should happen meanwhile (a cancel), is the body of the `with` block. When the block
+    ends the provider answers the held call late with `late` (status, body); with `late=None`
+    it keeps it until the app gives up waiting (a timeout). The first pay's reply is then in
+    `.reply`. The app's provider timeout must be longer than the block takes, unless `late`
+    is None.
+
+    After the payments redesign the superseded attempt is UNKNOWN, and an invoice with an
+    UNKNOWN attempt is payable only with PROVIDER_DEDUPLICATES=true: turn that on around
+    this block (and set SUPERSEDED to "UNKNOWN").
+    """
+    gate = threading.Event()
+    if late is None:
+        provider.answer_next(gate=gate)
+    else:
+        provider.answer_next(*late, gate=gate)
+    held = HeldPayment(invoice_id)
+
+    def pay() -> None:
+        held.replies.append(http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD))
+
+    payer = threading.Thread(target=pay)
+    payer.start()
+    try:
+        wait_until(lambda: provider.requests_for(invoice_id), "the first pay to reach FakePay")
+        make_attempts_stale(invoice_id)
+        yield held
+        still_held = payer.is_alive()
+    finally:
+        if late is None:
+            payer.join()
+        gate.set()
+        payer.join()
+    assert still_held, "the first pay ended before it was superseded: the test proves nothing"
 
 
 @dataclass(frozen=True)

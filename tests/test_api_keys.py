@@ -18,6 +18,7 @@ from scripts.processes import PROJECT_ROOT
 from tests.support import (
     J_DOE_CARD,
     SEEDED_CANCELLED,
+    FakePayProcess,
     create_pending_invoice,
     direct_engine,
     settings,
@@ -122,6 +123,23 @@ def test_a_read_key_may_read_but_not_write(client: TestClient, read_key: str) ->
     assert "may only read" in write.json()["detail"]
 
 
+def test_a_read_key_may_not_cancel(client: TestClient, write_key: str) -> None:
+    _, reader = make_key("read")
+    created = client.post(
+        "/invoice",
+        json={"jobDescription": "Not yours to void", "amount": 1, "customerId": 1},
+        headers=bearer(write_key),
+    )
+    invoice_id = created.json()["id"]
+
+    response = client.post(f"/invoice/cancel/{invoice_id}", headers=bearer(reader))
+
+    assert response.status_code == 403
+    assert "may only read" in response.json()["detail"]
+    read = client.get(f"/invoice/{invoice_id}", headers=bearer(reader))
+    assert read.json()["invoiceStatus"] == "PENDING"
+
+
 def test_a_revoked_key_stops_working_within_5_seconds(client: TestClient, auth_on: None) -> None:
     name, secret = make_key("read")
     assert client.get("/invoices", headers=bearer(secret)).status_code == 200
@@ -175,6 +193,33 @@ def test_idempotency_keys_belong_to_the_api_key_that_sent_them(
     assert first.status_code == second.status_code == 201
     assert "idempotent-replayed" not in second.headers
     assert first.json()["id"] != second.json()["id"]
+
+
+def test_a_pay_idempotency_key_is_not_shared_between_api_keys(
+    client: TestClient, auth_on: None, fakepay: FakePayProcess
+) -> None:
+    _, alice = make_key("write")
+    _, bob = make_key("write")
+    shared = {"Idempotency-Key": f"shared-pay-{uuid.uuid4()}"}
+    body = {"jobDescription": "One key, two payers", "amount": 1, "customerId": 1}
+    alices, bobs = (
+        client.post("/invoice", json=body, headers=bearer(secret)).json()["id"]
+        for secret in (alice, bob)
+    )
+    paid = client.post(
+        f"/invoice/pay/{alices}", json=J_DOE_CARD, headers={**bearer(alice), **shared}
+    )
+    assert paid.status_code == 201
+
+    response = client.post(
+        f"/invoice/pay/{bobs}", json=J_DOE_CARD, headers={**bearer(bob), **shared}
+    )
+
+    assert response.status_code == 201
+    assert "idempotent-replayed" not in response.headers
+    data = response.json()
+    assert (data["id"], data["invoiceStatus"]) == (bobs, "PAID")
+    assert len(fakepay.requests_for(bobs)) == 1
 
 
 def test_with_auth_off_no_key_is_needed(client: TestClient) -> None:

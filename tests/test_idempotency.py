@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session
 
-from models import IdempotencyRecord, Invoice
+from models import IdempotencyRecord
 from scripts.processes import Running
 from tests.stand_in import StandInProvider, refusing_provider_url
 from tests.support import (
@@ -25,6 +25,7 @@ from tests.support import (
     attempts,
     create_pending_invoice,
     direct_engine,
+    invoices_described,
 )
 
 ANY_INVOICE = {"jobDescription": "Keyed", "amount": 1, "customerId": 1}
@@ -36,12 +37,6 @@ def new_key() -> str:
 
 def keyed(key: str) -> dict[str, str]:
     return {"Idempotency-Key": key}
-
-
-def invoices_described(job: str) -> int:
-    with Session(direct_engine) as session:
-        query = select(func.count()).select_from(Invoice)
-        return session.exec(query.where(col(Invoice.job_description) == job)).one()
 
 
 def stored_key(key: str) -> IdempotencyRecord | None:

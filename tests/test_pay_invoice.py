@@ -31,6 +31,7 @@ from tests.support import (
     attempts,
     create_pending_invoice,
     direct_engine,
+    last_month,
 )
 
 
@@ -129,12 +130,6 @@ def test_pay_malformed_id_is_422(client: TestClient) -> None:
 
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["path", "invoice_id"]
-
-
-def last_month() -> str:
-    now = datetime.now(UTC)
-    year, month = (now.year, now.month - 1) if now.month > 1 else (now.year - 1, 12)
-    return f"{month:02d}-{year}"
 
 
 @pytest.mark.parametrize(

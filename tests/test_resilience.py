@@ -23,6 +23,7 @@ from tests.support import (
     direct_engine,
     insert_attempt,
     settings,
+    wait_until,
 )
 from tests.tcp_proxy import TcpProxy
 
@@ -290,6 +291,46 @@ def test_a_payment_outcome_survives_a_short_database_outage(
     assert results["paid"].json()["invoiceStatus"] == "PAID"
     assert attempt_statuses(invoice_id) == [PaymentStatus.SUCCEEDED]
     assert "retrying" in (tmp_path / "app.log").read_text()
+
+
+def test_a_decline_is_recorded_through_a_short_database_outage(
+    database_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """The provider declines while the database is away: the decline is recorded once it is
+    back, so the attempt does not stay PROCESSING and the client learns the reason."""
+    results: dict[str, httpx.Response] = {}
+    with StandInProvider() as provider:
+        gate = threading.Event()
+        provider.answer_next(400, {"error": "payment failed", "reason": "Lost card"}, gate=gate)
+        env = {
+            "DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}",
+            "FAKEPAY_URL": provider.url,
+        }
+        with (
+            running_app(tmp_path / "app.log", env=env) as server,
+            httpx.Client(base_url=server.url, timeout=30) as http,
+        ):
+            invoice_id = create_pending_invoice(http)
+            payer = threading.Thread(
+                target=lambda: results.update(
+                    declined=http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+                )
+            )
+            payer.start()
+            wait_until(lambda: provider.requests_for(invoice_id), "the pay to reach FakePay")
+            database_proxy.cut()
+            gate.set()
+            wait_until(lambda: provider.answered, "FakePay to decline")
+            time.sleep(0.5)  # recording the decline fails meanwhile
+            database_proxy.start()
+            payer.join()
+
+    assert results["declined"].status_code == 402
+    data = results["declined"].json()
+    assert data["detail"] == (
+        f"Payment for invoice {invoice_id} was declined by FakePay: Lost card"
+    )
+    assert attempts(invoice_id) == [("DECLINED", "Lost card")]
 
 
 def test_a_database_outage_after_the_charge_names_the_invoice_and_the_charge(
