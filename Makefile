@@ -99,8 +99,8 @@ e2e: install db-up fakepay-up ## headless Chromium: Try it out in Swagger UI, AU
 
 NAME ?=
 SCOPE ?= read
-api-key: install db-up ## make an API key (NAME=... SCOPE=read|write); its secret is the last line
-	@[ -n "$(NAME)" ] || { echo "usage: make api-key NAME=<name> SCOPE=read|write"; exit 2; }
+api-key: install db-up ## make an API key (NAME=... SCOPE=read|write|admin); its secret is the last line
+	@[ -n "$(NAME)" ] || { echo "usage: make api-key NAME=<name> SCOPE=read|write|admin"; exit 2; }
 	@$(BIN)/python -m scripts.api_keys create "$(NAME)" "$(SCOPE)"
 
 api-key-revoke: install db-up ## revoke an API key (NAME=...); it stops working within 5 s

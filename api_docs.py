@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.models import Example
 
+from errors import Responses
 from models import ErrorDetail
 
 TITLE = "Invoice API"
@@ -27,31 +28,14 @@ and `6f53c7be-0369-11f0-8d97-7c646cb7c0bc`; CANCELLED `a14e5bd8-02ce-11f0-8d97-7
 TAGS = [
     {"name": "invoices", "description": "Create, pay, cancel, read and list invoices."},
     {"name": "customers", "description": "Create, read and list the customers invoices are for."},
+    {"name": "operators", "description": "Resolve unknown payment outcomes, find refunds due."},
     {"name": "health", "description": "Is the service able to reach its database?"},
 ]
 
-Responses = dict[int | str, dict[str, Any]]
-
-
-def error(description: str) -> dict[str, Any]:
-    return {"model": ErrorDetail, "description": description}
-
-
-DATABASE_DOWN: Responses = {503: error("The database is unavailable or did not answer in time")}
 BAD_BODY: Responses = {
-    400: error("The body could not be read (it is not UTF-8 text)"),
-    413: error("The body is larger than 64 KiB"),
+    400: {"model": ErrorDetail, "description": "The body could not be read (it is not UTF-8 text)"},
+    413: {"model": ErrorDetail, "description": "The body is larger than 64 KiB"},
 }
-PAYMENT_FAILURES: Responses = {
-    402: error("FakePay declined the card; the invoice stays PENDING"),
-    502: error("FakePay unreachable or failing; the invoice stays PENDING"),
-    503: error(
-        "Too many payments in flight, or the database is unavailable; the detail names the "
-        "invoice and says whether the card was charged and what to do"
-    ),
-    504: error("FakePay did not reply in time; outcome unknown, the invoice stays PENDING"),
-}
-KEY_IN_USE = "a request with the same Idempotency-Key is still running (Retry-After)"
 
 SEEDED_PENDING_ID = "6f53c715-0369-11f0-8d97-7c646cb7c0bc"
 READ_EXAMPLES: dict[str, Example] = {

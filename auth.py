@@ -1,4 +1,4 @@
-"""API keys: who may call, with a `read` or `write` scope. Off unless `AUTH=on`.
+"""API keys: who may call, with a `read`, `write` or `admin` scope. Off unless `AUTH=on`.
 
 A key's secret (`inv_` and 32 random bytes, URL-safe) is shown once when it is made and
 stored only as its SHA-256. Checking a key costs no database round trip: the keys live in an
@@ -144,7 +144,7 @@ async def write_last_used(key_id: int) -> None:
 
 bearer = HTTPBearer(
     auto_error=False,
-    description="An API key from `make api-key NAME=... SCOPE=read|write`, sent as "
+    description="An API key from `make api-key NAME=... SCOPE=read|write|admin`, sent as "
     "`Authorization: Bearer <secret>`. Needed only when the service runs with AUTH=on.",
 )
 
@@ -179,3 +179,20 @@ async def authorize(
 
 
 Authorized = Depends(authorize)
+OFF = "AUTH=off"  # who acted, when no key was asked for
+
+
+async def authorize_admin(
+    key: Annotated[KnownKey | None, Depends(authorize)],
+) -> str:
+    """The operators' endpoints need an `admin` key; the name of who is acting."""
+    if key is None:
+        return OFF
+    if key.scope != ApiKeyScope.ADMIN:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"API key {key.name} is {key.scope}; this needs an admin key"
+        )
+    return key.name
+
+
+AdminDep = Annotated[str, Depends(authorize_admin)]

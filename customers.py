@@ -1,6 +1,5 @@
 """Customers: create one, read one, list them page by page."""
 
-from fastapi import HTTPException, status
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from sqlalchemy import func
@@ -9,12 +8,29 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from db import is_duplicate_key
+from errors import ApiError
 from models import Customer, CustomerCreate, CustomerPublic
+
+
+class CustomerNotFoundError(ApiError):
+    status_code = 404
+    documented = "No customer has this id; nothing was written"
+
+    def __init__(self, customer_id: int) -> None:
+        super().__init__(f"Customer {customer_id} not found")
+
+
+class EmailTakenError(ApiError):
+    status_code = 409
+    documented = "A customer already has this email (ignoring letter case)"
+
+    def __init__(self, email: str) -> None:
+        super().__init__(f"A customer with the email {email} already exists")
 
 
 async def create_customer(session: AsyncSession, request: CustomerCreate) -> CustomerPublic:
     """Insert a customer; an email already taken, in any letter case, is a 409 (the unique
-    index decides, so two concurrent creates cannot both win)."""
+    index on its lower-cased form decides, so two concurrent creates cannot both win)."""
     customer = Customer(customer_name=request.customer_name, customer_email=request.customer_email)
     session.add(customer)
     try:
@@ -22,10 +38,7 @@ async def create_customer(session: AsyncSession, request: CustomerCreate) -> Cus
     except IntegrityError as error:
         if not is_duplicate_key(error):
             raise
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"A customer with the email {request.customer_email} already exists",
-        ) from None
+        raise EmailTakenError(request.customer_email) from None
     logger.info("customer {} created", customer.customer_id)
     assert customer.customer_id is not None  # the insert's generated id
     return CustomerPublic(
@@ -38,7 +51,7 @@ async def create_customer(session: AsyncSession, request: CustomerCreate) -> Cus
 async def get_customer_or_404(session: AsyncSession, customer_id: int) -> CustomerPublic:
     customer = await session.get(Customer, customer_id)
     if customer is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Customer {customer_id} not found")
+        raise CustomerNotFoundError(customer_id)
     return CustomerPublic.model_validate(customer.model_dump())
 
 

@@ -53,7 +53,9 @@ class BoundedConnection(aiomysql.Connection):  # type: ignore[misc]  # aiomysql 
         timer = self._loop.call_later(self.read_timeout, self._give_up)
         try:
             return await reply
-        except OperationalError:
+        except Exception:
+            # Closing the socket under a half-read reply can surface as anything aiomysql
+            # raises from a closed reader (an AttributeError on its None stream, say).
             if self.gave_up:
                 raise self._lost() from None
             raise
@@ -150,7 +152,8 @@ def make_engine(config: Settings) -> AsyncEngine:
             "async_creator_fn": bounded_connector(config),
             "connect_timeout": config.db_connect_timeout,
             "charset": "utf8mb4",
-            "init_command": "SET time_zone = '+00:00'",
+            "init_command": "SET time_zone = '+00:00', "
+            f"innodb_lock_wait_timeout = {config.db_lock_wait_timeout:d}",
         },
     )
     event.listen(engine.sync_engine, "handle_error", classify_server_error, retval=True)
@@ -201,3 +204,13 @@ DUPLICATE_KEY = 1062  # MySQL's ER_DUP_ENTRY
 def is_duplicate_key(error: sa_exc.IntegrityError) -> bool:
     """Whether an insert failed on a unique key (not on a foreign key or a CHECK)."""
     return error_code(error.orig) == DUPLICATE_KEY
+
+
+def duplicate_key_name(error: sa_exc.IntegrityError) -> str | None:
+    """The unique key a write collided with, or None for another integrity error. MariaDB
+    says `for key 'uq_x'`, MySQL 8 `for key 'table.uq_x'`."""
+    if not is_duplicate_key(error):
+        return None
+    message = str(getattr(error.orig, "args", ("", ""))[-1])
+    _, found, key = message.rpartition(" for key ")
+    return key.strip("'").rpartition(".")[2] if found else None

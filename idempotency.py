@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_docs import invalid
 from db import DATABASE_UNREACHABLE, engine, is_duplicate_key
+from errors import ApiError
 from models import Card, IdempotencyRecord, InvoiceCreate
 from settings import settings
 
@@ -47,15 +48,16 @@ VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
 STATE_KEY = "idempotency"
 
 
-class IdempotencyError(Exception):
-    """A request that must not run because of its key; `main.py` maps each to a status."""
+class IdempotencyError(ApiError):
+    """A request that must not run because of its key."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    status_code = 409
 
 
 class IdempotencyKeyInUseError(IdempotencyError):
+    retry_after_s = 1
+    documented = "A request with the same Idempotency-Key is still running (Retry-After)"
+
     def __init__(self) -> None:
         super().__init__(
             f"A request with this {HEADER} is still running; retry in a second to get its reply"
@@ -63,6 +65,8 @@ class IdempotencyKeyInUseError(IdempotencyError):
 
 
 class IdempotentRequestUnfinishedError(IdempotencyError):
+    documented = "The first request with this Idempotency-Key did not finish"
+
     def __init__(self, invoice_id: str) -> None:
         super().__init__(
             f"The first request with this {HEADER} did not finish; it concerned invoice "

@@ -4,6 +4,7 @@ Reads are plain column selects (rows, not ORM objects) built once at import, so 
 skips building and cache-keying them, and turned into `InvoicePublic` by `to_public`.
 """
 
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,18 +12,31 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Query, status
+from fastapi import Depends, Query
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from pydantic import BeforeValidator
-from sqlalchemy import ColumnElement, Integer, Row, bindparam, case, func, insert, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Row,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    update,
+)
+from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.sql import Subquery
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select, SelectOfScalar
 
 from api_docs import invalid
+from customers import CustomerNotFoundError
 from db import execute_core
+from errors import ApiError
 from idempotency import IdempotentRequest
 from models import (
     Customer,
@@ -35,6 +49,7 @@ from models import (
     MaskedCard,
     Payment,
     PaymentHistory,
+    PaymentListItem,
     PaymentPublic,
     PaymentStatus,
     decode_cursor,
@@ -117,12 +132,50 @@ async def find_invoice(session: AsyncSession, invoice_id: str) -> InvoicePublic 
 async def get_invoice_or_404(session: AsyncSession, invoice_id: uuid.UUID) -> InvoicePublic:
     invoice = await find_invoice(session, str(invoice_id))
     if invoice is None:
-        raise invoice_not_found(str(invoice_id))
+        raise InvoiceNotFoundError(str(invoice_id))
     return invoice
 
 
-def invoice_not_found(invoice_id: str) -> HTTPException:
-    return HTTPException(status.HTTP_404_NOT_FOUND, f"Invoice {invoice_id} not found")
+class InvoiceNotFoundError(ApiError):
+    status_code = 404
+    documented = "No invoice has this id"
+
+    def __init__(self, invoice_id: str) -> None:
+        super().__init__(f"Invoice {invoice_id} not found")
+
+
+class InvoiceConflictError(ApiError):
+    """An invoice whose state forbids the change asked for."""
+
+    status_code = 409
+    documented = "The invoice's state forbids it: the detail says why and what to do"
+
+
+class PaymentInProgressError(InvoiceConflictError):
+    documented = "A payment for the invoice is in flight"
+
+    def __init__(self, invoice_id: str) -> None:
+        super().__init__(
+            f"A payment for invoice {invoice_id} is in progress; read the invoice again in a "
+            "few seconds before paying or cancelling it"
+        )
+
+
+class OutcomeUnknownError(InvoiceConflictError):
+    """A payment attempt that may have charged the card, with a provider that does not
+    deduplicate: nothing more may happen to the invoice until an operator resolves it."""
+
+    documented = "A payment attempt has an unknown outcome; the detail says how to resolve it"
+
+    def __init__(self, invoice_id: str, payment_id: int) -> None:
+        super().__init__(
+            f"Payment attempt {payment_id} of invoice {invoice_id} has an unknown outcome: the "
+            "card may have been charged, and paying again could charge it twice. Check the "
+            f"transaction {invoice_id} with the provider, then resolve the attempt with "
+            f"POST /invoice/{invoice_id}/payments/{payment_id}/resolve and "
+            '{"outcome": "SUCCEEDED"} if it was charged or {"outcome": "FAILED"} if not '
+            "(an admin key is needed when API keys are on)"
+        )
 
 
 LOCK_INVOICE = select(col(Invoice.invoice_status)).where(THIS_INVOICE).with_for_update()
@@ -334,7 +387,7 @@ async def create_pending_invoice(
     the creation time) needs reading back."""
     customer = await session.get(Customer, request.customer_id)
     if customer is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"Customer {request.customer_id} not found")
+        raise CustomerNotFoundError(request.customer_id)
     invoice_id = str(uuid7())
     values = request.model_dump(include={"job_description", "amount", "customer_id"})
     await execute_core(session, CREATE_INVOICE, {"id": invoice_id, **values})
@@ -401,26 +454,20 @@ async def invoice_filter(
 InvoiceFilterDep = Annotated[InvoiceFilter, Depends(invoice_filter)]
 
 
-class InvoiceConflictError(Exception):
-    """An invoice whose state forbids the change asked for; `main.py` answers 409."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
 async def cancel_invoice(
     session: AsyncSession, invoice_id: uuid.UUID, idempotency: IdempotentRequest
 ) -> InvoicePublic:
     """PENDING -> CANCELLED under the invoice row lock, the lock a payment's claim takes too,
-    so a cancel and a pay of one invoice never both succeed. Cancelling again changes nothing."""
+    so a cancel and a pay of one invoice never both succeed. Cancelling again changes nothing.
+    The reply is read inside the same transaction: once the cancel is committed, nothing is
+    left that could fail and leave its client unsure."""
     key = str(invoice_id)
     cancelled_now = False
     with idempotency.twin_refused():
         async with session.begin():
             status = await lock_invoice(session, key)
             if status is None:
-                raise invoice_not_found(key)
+                raise InvoiceNotFoundError(key)
             if status == InvoiceStatus.PAID:
                 raise InvoiceConflictError(
                     f"Invoice {key} is PAID; a paid invoice cannot be cancelled"
@@ -431,33 +478,44 @@ async def cancel_invoice(
                 await count_status_change(session, status, InvoiceStatus.CANCELLED)
                 idempotency.reserve(session, key)
                 cancelled_now = True
+            cancelled = await get_invoice_or_404(session, invoice_id)
     if cancelled_now:
         idempotency.reserved = idempotency.changed = True
         logger.info("invoice {} cancelled", key)
-    return await get_invoice_or_404(session, invoice_id)
+    return cancelled
+
+
+@cache
+def unsettled_attempts(stale_after_s: int) -> Select[int | None, str, bool]:
+    """Every attempt of the invoice that is PROCESSING or UNKNOWN, each with whether it is
+    older than `stale_after_s` (a PROCESSING one that old belongs to a request that is gone)."""
+    return select(
+        col(Payment.id),
+        col(Payment.payment_status),
+        col(Payment.created_at) < stale_cutoff(stale_after_s),
+    ).where(
+        col(Payment.invoice_id) == bindparam("invoice_id"),
+        col(Payment.payment_status).in_([PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN]),
+    )
 
 
 async def refuse_if_payment_unsettled(session: AsyncSession, invoice_id: str) -> None:
-    """409 while the latest payment attempt is in flight or has an unknown outcome."""
-    latest = await session.exec(
-        select(Payment.payment_status)
-        .where(Payment.invoice_id == invoice_id)
-        .order_by(col(Payment.id).desc())
-        .limit(1)
+    """409 while any attempt of the invoice is in flight or has an unknown outcome (a
+    PROCESSING attempt past the stale margin may have been charged: it is unknown too)."""
+    stale_after_s = math.ceil(settings.payment_stale_after_s)
+    found = await execute_core(
+        session, unsettled_attempts(stale_after_s), {"invoice_id": invoice_id}
     )
-    attempt = latest.first()
-    if attempt == PaymentStatus.PROCESSING:
-        raise InvoiceConflictError(
-            f"A payment for invoice {invoice_id} is in progress; read the invoice again in a "
-            "few seconds: it will be PAID, or PENDING and then it can be cancelled"
-        )
-    if attempt == PaymentStatus.UNKNOWN:
-        raise InvoiceConflictError(
-            f"The last payment attempt for invoice {invoice_id} has an unknown outcome: the "
-            "card may have been charged. Pay it again with the same card (the provider "
-            "deduplicates on the invoice id) to settle it, or confirm with the provider that "
-            "nothing was charged, before cancelling"
-        )
+    attempts = found.all()
+    if any(status == PaymentStatus.PROCESSING and not stale for _, status, stale in attempts):
+        raise PaymentInProgressError(invoice_id)
+    if attempts:
+        raise OutcomeUnknownError(invoice_id, max(payment_id for payment_id, _, _ in attempts))
+
+
+def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
+    """Server time, so the app's and the database's clocks never need to agree."""
+    return literal_column(f"NOW(6) - INTERVAL {int(seconds)} SECOND", type_=DATETIME(fsp=6))
 
 
 def as_utc(moment: datetime | None) -> datetime:
@@ -470,7 +528,7 @@ async def payment_history(session: AsyncSession, invoice_id: uuid.UUID) -> Payme
     """Every attempt to charge a card for the invoice, newest first, masked cards only."""
     key = str(invoice_id)
     if await session.get(Invoice, key) is None:
-        raise invoice_not_found(key)
+        raise InvoiceNotFoundError(key)
     attempts = await session.exec(
         select(Payment).where(Payment.invoice_id == key).order_by(col(Payment.id).desc())
     )
@@ -489,4 +547,31 @@ def public_payment(payment: Payment) -> PaymentPublic:
         card=card,
         created_at=as_utc(payment.created_at),
         modified_at=as_utc(payment.modified_at),
+        resolved_by=payment.resolved_by,
+        resolved_at=payment.resolved_at and as_utc(payment.resolved_at),
     )
+
+
+async def list_payments(
+    session: AsyncSession, status: PaymentStatus | None, params: Params
+) -> Page[PaymentListItem]:
+    """Attempts across invoices, newest first, optionally in one state: what an operator
+    works through (UNKNOWN to resolve, REFUND_DUE to refund). Each state is a range of the
+    (payment_status, id) index."""
+    raw = params.to_raw_params().as_limit_offset()
+    query = select(Payment)
+    total = select(func.count()).select_from(Payment)
+    if status is not None:
+        query = query.where(col(Payment.payment_status) == status)
+        total = total.where(col(Payment.payment_status) == status)
+    rows = await session.exec(
+        query.order_by(col(Payment.id).desc()).offset(raw.offset).limit(raw.limit)
+    )
+    items = [
+        PaymentListItem(
+            **public_payment(payment).model_dump(), invoice_id=uuid.UUID(payment.invoice_id)
+        )
+        for payment in rows
+    ]
+    count = (await session.exec(total)).one()
+    return create_page(items, total=count, params=params)  # type: ignore[return-value]

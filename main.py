@@ -24,21 +24,23 @@ from api_docs import (
     CANCEL_ID_EXAMPLES,
     CREATE_EXAMPLES,
     CUSTOMER_EXAMPLES,
-    DATABASE_DOWN,
-    KEY_IN_USE,
     PAY_EXAMPLES,
     PAY_ID_EXAMPLES,
-    PAYMENT_FAILURES,
     READ_EXAMPLES,
-    error,
 )
-from auth import Authorized
-from customers import create_customer, get_customer_or_404, list_customers
-from db import DATABASE_UNREACHABLE, SessionDep, TransactionConflictError
+from auth import AdminDep, Authorized
+from customers import (
+    CustomerNotFoundError,
+    EmailTakenError,
+    create_customer,
+    get_customer_or_404,
+    list_customers,
+)
+from db import DATABASE_UNREACHABLE, SessionDep, TransactionConflictError, engine
+from errors import ApiError, DatabaseUnavailableError, LostRaceError, responses
 from exact_json import ExactJSONRoute
 from idempotency import (
     IdempotencyDep,
-    IdempotencyError,
     IdempotencyKeyInUseError,
     IdempotencyMiddleware,
     IdempotentRequestUnfinishedError,
@@ -47,10 +49,14 @@ from idempotency import (
 from invoices import (
     InvoiceConflictError,
     InvoiceFilterDep,
+    InvoiceNotFoundError,
+    OutcomeUnknownError,
+    PaymentInProgressError,
     cancel_invoice,
     create_pending_invoice,
     get_invoice_or_404,
     list_page,
+    list_payments,
     page_params,
     payment_history,
     scroll,
@@ -64,23 +70,29 @@ from models import (
     InvoicePublic,
     InvoiceScrollPage,
     PaymentHistory,
+    PaymentListItem,
+    PaymentResolution,
+    PaymentStatus,
 )
 from observability import RequestContextMiddleware, configure_logging
 from payments import (
-    ChargedAfterSupersededError,
+    ChargedAfterReplacedError,
     FakePayClient,
     FakePayDep,
-    InvoiceNotFoundError,
     InvoiceNotPayableError,
     OutcomeNotRecordedError,
+    OutcomeRecorder,
     PaymentDeclinedError,
-    PaymentError,
-    PaymentInProgressError,
+    PaymentNotFoundError,
     PaymentNotStartedError,
+    PaymentNotUnknownError,
     ProviderBusyError,
     ProviderTimeoutError,
     ProviderUnavailableError,
+    RecorderDep,
     pay_invoice,
+    resolve_payment,
+    sweep_stalled_forever,
 )
 from settings import settings
 
@@ -89,15 +101,22 @@ configure_logging()
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-    """One pooled FakePay client per process, handed to requests as lifespan state, and the
-    background purge of expired Idempotency-Keys."""
+    """Per process, handed to requests as lifespan state: one pooled FakePay client and the
+    recorder of payment outcomes the database would not take in time. In the background: the
+    purge of expired Idempotency-Keys and the sweep that turns stalled attempts UNKNOWN."""
     fakepay = FakePayClient(settings)
-    purge = asyncio.create_task(purge_expired_keys_forever())
+    recorder = OutcomeRecorder(engine)
+    background = [
+        asyncio.create_task(purge_expired_keys_forever()),
+        asyncio.create_task(sweep_stalled_forever(engine, fakepay.stale_after_s)),
+    ]
     logger.info("invoice API started; FakePay at {}", settings.fakepay_url)
     try:
-        yield {"fakepay": fakepay}
+        yield {"fakepay": fakepay, "recorder": recorder}
     finally:
-        purge.cancel()
+        for task in background:
+            task.cancel()
+        await recorder.aclose()
         await fakepay.aclose()
 
 
@@ -119,6 +138,23 @@ api_docs.document_validation_errors(app)
 
 
 PageDep = Annotated[Params, Depends(page_params)]
+
+# What the routes can answer besides success, documented from the errors' own classes.
+KEY_ERRORS = (IdempotencyKeyInUseError, IdempotentRequestUnfinishedError)
+PAYMENT_ERRORS = (
+    InvoiceNotPayableError,
+    PaymentInProgressError,
+    OutcomeUnknownError,
+    ChargedAfterReplacedError,
+    LostRaceError,
+    PaymentDeclinedError,
+    ProviderUnavailableError,
+    ProviderBusyError,
+    PaymentNotStartedError,
+    OutcomeNotRecordedError,
+    ProviderTimeoutError,
+    *KEY_ERRORS,
+)
 
 
 @app.get(
@@ -143,7 +179,7 @@ async def health_check(session: SessionDep) -> Any:
     tags=["invoices"],
     summary="Read one invoice",
     response_model=InvoicePublic,
-    responses={404: error("No invoice has this id"), **DATABASE_DOWN},
+    responses=responses(InvoiceNotFoundError, DatabaseUnavailableError),
 )
 async def read_invoice(
     invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], session: SessionDep
@@ -160,16 +196,15 @@ async def read_invoice(
     response_model=InvoicePublic,
     status_code=status.HTTP_201_CREATED,
     responses={
-        404: error("No customer has this id; nothing was written"),
-        409: error(f"Not run: {KEY_IN_USE}"),
+        **responses(CustomerNotFoundError, *PAYMENT_ERRORS, DatabaseUnavailableError),
         **BAD_BODY,
-        **PAYMENT_FAILURES,
     },
 )
 async def create_invoice(
     request: Annotated[InvoiceCreate, Body(openapi_examples=CREATE_EXAMPLES)],
     session: SessionDep,
     fakepay: FakePayDep,
+    recorder: RecorderDep,
     idempotency: IdempotencyDep,
 ) -> InvoicePublic | Response:
     """Create a PENDING invoice; with a card, also pay it at once.
@@ -183,7 +218,8 @@ async def create_invoice(
     invoice = await create_pending_invoice(session, request, idempotency)
     if request.card is None:
         return invoice
-    return await pay_invoice(session, fakepay, str(invoice.id), request.card, idempotency)
+    card = request.card
+    return await pay_invoice(session, fakepay, recorder, str(invoice.id), card, idempotency)
 
 
 @app.post(
@@ -194,10 +230,8 @@ async def create_invoice(
     response_model=InvoicePublic,
     status_code=status.HTTP_201_CREATED,
     responses={
-        404: error("No invoice has this id"),
-        409: error(f"The invoice is not PENDING, a payment for it is in progress, or {KEY_IN_USE}"),
+        **responses(InvoiceNotFoundError, *PAYMENT_ERRORS, DatabaseUnavailableError),
         **BAD_BODY,
-        **PAYMENT_FAILURES,
     },
 )
 async def pay_pending_invoice(
@@ -205,6 +239,7 @@ async def pay_pending_invoice(
     card: Annotated[Card, Body(openapi_examples=PAY_EXAMPLES)],
     session: SessionDep,
     fakepay: FakePayDep,
+    recorder: RecorderDep,
     idempotency: IdempotencyDep,
 ) -> InvoicePublic | Response:
     """Pay a PENDING invoice by card; FakePay's transactionId is the invoice id.
@@ -215,7 +250,7 @@ async def pay_pending_invoice(
     """
     if replay := await idempotency.replay(session, card):
         return replay
-    return await pay_invoice(session, fakepay, str(invoice_id), card, idempotency)
+    return await pay_invoice(session, fakepay, recorder, str(invoice_id), card, idempotency)
 
 
 @app.post(
@@ -224,14 +259,15 @@ async def pay_pending_invoice(
     tags=["invoices"],
     summary="Cancel (void) a PENDING invoice",
     response_model=InvoicePublic,
-    responses={
-        404: error("No invoice has this id"),
-        409: error(
-            f"The invoice is PAID, a payment for it is in flight or has an unknown outcome "
-            f"(the detail says what to do), or {KEY_IN_USE}"
-        ),
-        **DATABASE_DOWN,
-    },
+    responses=responses(
+        InvoiceNotFoundError,
+        InvoiceConflictError,
+        PaymentInProgressError,
+        OutcomeUnknownError,
+        LostRaceError,
+        *KEY_ERRORS,
+        DatabaseUnavailableError,
+    ),
 )
 async def cancel_pending_invoice(
     invoice_id: Annotated[uuid.UUID, Path(openapi_examples=CANCEL_ID_EXAMPLES)],
@@ -253,7 +289,7 @@ async def cancel_pending_invoice(
     tags=["invoices"],
     summary="Every payment attempt of an invoice",
     response_model=PaymentHistory,
-    responses={404: error("No invoice has this id"), **DATABASE_DOWN},
+    responses=responses(InvoiceNotFoundError, DatabaseUnavailableError),
 )
 async def read_invoice_payments(
     invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], session: SessionDep
@@ -262,13 +298,69 @@ async def read_invoice_payments(
     return await payment_history(session, invoice_id)
 
 
+@app.post(
+    "/invoice/{invoice_id}/payments/{payment_id}/resolve",
+    dependencies=[Authorized],
+    tags=["operators"],
+    summary="Resolve a payment attempt whose outcome is unknown",
+    response_model=InvoicePublic,
+    responses={
+        **responses(
+            InvoiceNotFoundError,
+            PaymentNotFoundError,
+            PaymentNotUnknownError,
+            DatabaseUnavailableError,
+        ),
+        **BAD_BODY,
+    },
+)
+async def resolve_unknown_payment(
+    invoice_id: uuid.UUID,
+    payment_id: Annotated[int, Path(ge=1)],
+    resolution: PaymentResolution,
+    session: SessionDep,
+    fakepay: FakePayDep,
+    operator: AdminDep,
+) -> InvoicePublic:
+    """Settle an UNKNOWN attempt after checking the transaction (the invoice id) with the
+    provider: `SUCCEEDED` marks the invoice PAID, `FAILED` lets it be paid again. Recorded
+    with who (the API key's name, or AUTH=off) and when, in the payment history. Needs an
+    admin key when API keys are on."""
+    outcome = PaymentStatus(resolution.outcome)
+    return await resolve_payment(
+        session, str(invoice_id), payment_id, outcome, operator, fakepay.stale_after_s
+    )
+
+
+@app.get(
+    "/payments",
+    dependencies=[Authorized],
+    tags=["operators"],
+    summary="List payment attempts across invoices, page by page",
+    response_model=Page[PaymentListItem],
+    responses=responses(DatabaseUnavailableError),
+)
+async def list_payment_attempts(
+    session: SessionDep,
+    params: PageDep,
+    payment_status: Annotated[
+        PaymentStatus | None,
+        Query(
+            alias="status", description="Only this state: UNKNOWN to resolve, REFUND_DUE to refund"
+        ),
+    ] = None,
+) -> Page[PaymentListItem]:
+    """Attempts newest first, with the invoice each was for: what an operator works through."""
+    return await list_payments(session, payment_status, params)
+
+
 @app.get(
     "/invoices",
     dependencies=[Authorized],
     tags=["invoices"],
     summary="List invoices, page by page",
     response_model=Page[InvoicePublic],
-    responses=DATABASE_DOWN,
+    responses=responses(DatabaseUnavailableError),
 )
 async def list_invoices(
     session: SessionDep, where: InvoiceFilterDep, params: PageDep
@@ -290,7 +382,7 @@ async def list_invoices(
     tags=["invoices"],
     summary="Scroll through invoices with a cursor",
     response_model=InvoiceScrollPage,
-    responses=DATABASE_DOWN,
+    responses=responses(DatabaseUnavailableError),
 )
 async def scroll_invoices(
     session: SessionDep,
@@ -313,7 +405,7 @@ async def scroll_invoices(
     summary="Create a customer",
     response_model=CustomerPublic,
     status_code=status.HTTP_201_CREATED,
-    responses={409: error("A customer already has this email"), **BAD_BODY, **DATABASE_DOWN},
+    responses={**responses(EmailTakenError, DatabaseUnavailableError), **BAD_BODY},
 )
 async def create_new_customer(
     request: Annotated[CustomerCreate, Body(openapi_examples=CUSTOMER_EXAMPLES)],
@@ -329,7 +421,7 @@ async def create_new_customer(
     tags=["customers"],
     summary="Read one customer",
     response_model=CustomerPublic,
-    responses={404: error("No customer has this id"), **DATABASE_DOWN},
+    responses=responses(CustomerNotFoundError, DatabaseUnavailableError),
 )
 async def read_customer(
     customer_id: Annotated[int, Path(ge=1, le=2_147_483_647, examples=[3])],
@@ -345,69 +437,36 @@ async def read_customer(
     tags=["customers"],
     summary="List customers, page by page",
     response_model=Page[CustomerPublic],
-    responses=DATABASE_DOWN,
+    responses=responses(DatabaseUnavailableError),
 )
 async def list_all_customers(session: SessionDep, params: PageDep) -> Page[CustomerPublic]:
     """Customers by id, ten to a page by default."""
     return await list_customers(session, params)
 
 
-# --- every outcome that is not a success, and its status code ---------------------------
+# --- every outcome that is not a success ----------------------------------------------
 
 
-# The domain's failures; each carries the `message` that becomes the reply's detail.
-DOMAIN_ERRORS = (PaymentError, InvoiceConflictError, IdempotencyError)
-DomainError = PaymentError | InvoiceConflictError | IdempotencyError
-ERROR_STATUS: dict[type[DomainError], int] = {
-    InvoiceNotFoundError: status.HTTP_404_NOT_FOUND,
-    InvoiceConflictError: status.HTTP_409_CONFLICT,
-    IdempotencyKeyInUseError: status.HTTP_409_CONFLICT,
-    IdempotentRequestUnfinishedError: status.HTTP_409_CONFLICT,
-    InvoiceNotPayableError: status.HTTP_409_CONFLICT,
-    PaymentInProgressError: status.HTTP_409_CONFLICT,
-    ChargedAfterSupersededError: status.HTTP_409_CONFLICT,
-    PaymentDeclinedError: status.HTTP_402_PAYMENT_REQUIRED,
-    ProviderUnavailableError: status.HTTP_502_BAD_GATEWAY,
-    ProviderBusyError: status.HTTP_503_SERVICE_UNAVAILABLE,
-    PaymentNotStartedError: status.HTTP_503_SERVICE_UNAVAILABLE,
-    OutcomeNotRecordedError: status.HTTP_503_SERVICE_UNAVAILABLE,
-    ProviderTimeoutError: status.HTTP_504_GATEWAY_TIMEOUT,
-}
-RETRY_AFTER_S: dict[type[Exception], str] = {
-    ProviderBusyError: "1",
-    PaymentNotStartedError: "5",
-    IdempotencyKeyInUseError: "1",
-}
+def reply(error: ApiError) -> JSONResponse:
+    return JSONResponse({"detail": error.message}, error.status_code, headers=error.headers)
 
 
-async def domain_error_handler(request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, DOMAIN_ERRORS)
-    code = ERROR_STATUS[type(error)]
-    if code >= 500:
-        logger.warning("payment failed with {}: {}", code, error.message)
-    retry_after = RETRY_AFTER_S.get(type(error))
-    headers = {"Retry-After": retry_after} if retry_after else None
-    return JSONResponse({"detail": error.message}, status_code=code, headers=headers)
+async def api_error_handler(request: Request, error: Exception) -> JSONResponse:
+    """Every domain error carries its status, headers and detail (`errors.ApiError`)."""
+    assert isinstance(error, ApiError)
+    if error.status_code >= 500:
+        logger.warning("answered {}: {}", error.status_code, error.message)
+    return reply(error)
 
 
 async def database_unavailable_handler(request: Request, error: Exception) -> JSONResponse:
     logger.error("database unavailable: {}: {}", type(error).__name__, getattr(error, "orig", ""))
-    return JSONResponse(
-        {"detail": "The database is unavailable or did not answer in time; try again shortly"},
-        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "5"},
-    )
+    return reply(DatabaseUnavailableError())
 
 
 async def conflict_handler(request: Request, error: Exception) -> JSONResponse:
     logger.warning("transaction lost to a concurrent one: {}", getattr(error, "orig", ""))
-    return JSONResponse(
-        {
-            "detail": "This request lost a race with a concurrent change to the same data and "
-            "changed nothing; read the resource again, then retry if it is still needed"
-        },
-        status_code=status.HTTP_409_CONFLICT,
-    )
+    return reply(LostRaceError())
 
 
 async def validation_error_handler(request: Request, error: Exception) -> JSONResponse:
@@ -423,13 +482,11 @@ async def validation_error_handler(request: Request, error: Exception) -> JSONRe
 
 
 def add_exception_handlers(app: FastAPI) -> None:
-    """Every domain outcome that is not a success, and its status code, in one place.
-
-    `HTTPException` (404 for an unknown id) keeps FastAPI's own handler; an error nothing here
-    expects becomes a 500 in `RequestContextMiddleware`, which logs it with the request id.
-    """
-    for domain_error in DOMAIN_ERRORS:
-        app.add_exception_handler(domain_error, domain_error_handler)
+    """Every outcome that is not a success, in one place: the domain's errors reply as they
+    say; an outage is a 503, a lost race a 409. `HTTPException` (401, 403) keeps FastAPI's own
+    handler; an error nothing here expects becomes a 500 in `RequestContextMiddleware`, which
+    logs it with the request id."""
+    app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     for unreachable in DATABASE_UNREACHABLE:
         app.add_exception_handler(unreachable, database_unavailable_handler)

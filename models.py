@@ -54,14 +54,20 @@ class PaymentStatus(StrEnum):
     SUCCEEDED = "SUCCEEDED"  # provider answered 200; the invoice is PAID
     DECLINED = "DECLINED"  # provider answered 400
     FAILED = "FAILED"  # provider unreachable or answered another status
-    UNKNOWN = "UNKNOWN"  # request sent, no reply in time: it may have been charged
-    ABANDONED = "ABANDONED"  # left PROCESSING by a crash, superseded by a later attempt
-    REFUND_DUE = "REFUND_DUE"  # charged after being superseded: a second charge to refund
+    UNKNOWN = "UNKNOWN"  # sent, no reply in time (or stalled): it may have been charged
+    ABANDONED = "ABANDONED"  # older versions' stalled attempt; no longer written
+    REFUND_DUE = "REFUND_DUE"  # charged after a later attempt replaced it: refund it
+
+    @property
+    def unsettled(self) -> bool:
+        """The outcome is still open: the attempt holds its invoice's one open slot."""
+        return self in {PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN}
 
 
 class ApiKeyScope(StrEnum):
     READ = "read"  # GET endpoints only
-    WRITE = "write"  # every endpoint
+    WRITE = "write"  # every endpoint but the operators' ones
+    ADMIN = "admin"  # every endpoint, including resolving unknown payment outcomes
 
 
 def mask_card_number(number: str) -> str:
@@ -211,6 +217,9 @@ class Invoice(InvoiceBase, table=True):
         sa_type=String(10),
         sa_column_kwargs={"server_default": InvoiceStatus.PENDING.value},
     )
+    # Every claim writes the invoice row (this count), so on a multi-primary cluster a claim
+    # and a concurrent settle or cancel of the invoice conflict instead of both committing.
+    payment_attempts: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
     created_at: datetime | None = Field(
         default=None,
         nullable=False,
@@ -231,6 +240,13 @@ class Invoice(InvoiceBase, table=True):
 class Payment(SQLModel, table=True):
     __table_args__ = (
         Index("ix_payment_invoice_status", "invoice_id", "payment_status"),
+        Index("ix_payment_status", "payment_status", "id"),
+        # At most one open and one successful attempt per invoice: the markers are 1 or NULL,
+        # and NULLs never collide.
+        Index("uq_payment_unsettled", "invoice_id", "unsettled", unique=True),
+        Index("uq_payment_succeeded", "invoice_id", "succeeded", unique=True),
+        CheckConstraint("unsettled = 1", name="ck_payment_unsettled"),
+        CheckConstraint("succeeded = 1", name="ck_payment_succeeded"),
         CheckConstraint(
             "payment_status IN ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', "
             "'ABANDONED', 'REFUND_DUE')",
@@ -250,6 +266,10 @@ class Payment(SQLModel, table=True):
         sa_column_kwargs={"server_default": PaymentStatus.PROCESSING.value},
     )
     reason: str | None = Field(default=None, max_length=255)
+    unsettled: int | None = Field(default=None, sa_type=TINYINT)  # 1: PROCESSING or UNKNOWN
+    succeeded: int | None = Field(default=None, sa_type=TINYINT)  # 1: this attempt charged
+    resolved_at: datetime | None = Field(default=None, sa_type=timestamp_column())
+    resolved_by: str | None = Field(default=None, max_length=64)
     created_at: datetime | None = Field(
         default=None,
         nullable=False,
@@ -292,7 +312,7 @@ class ApiKey(SQLModel, table=True):
     __table_args__ = (
         Index("uq_api_key_name", "name", unique=True),
         Index("uq_api_key_secret_hash", "secret_hash", unique=True),
-        CheckConstraint("scope IN ('read', 'write')", name="ck_api_key_scope"),
+        CheckConstraint("scope IN ('read', 'write', 'admin')", name="ck_api_key_scope"),
         TABLE_OPTIONS,
     )
 
@@ -423,6 +443,24 @@ class PaymentPublic(CamelModel):
     card: MaskedCard
     created_at: datetime
     modified_at: datetime
+    resolved_by: str | None = Field(
+        default=None,
+        description="Who resolved an UNKNOWN outcome: the API key's name, or AUTH=off",
+    )
+    resolved_at: datetime | None = Field(default=None, description="When it was resolved")
+
+
+# One attempt as GET /payments lists it: with the invoice it was for.
+class PaymentListItem(PaymentPublic):
+    invoice_id: uuid.UUID
+
+
+# The body of POST /invoice/{invoice_id}/payments/{paymentId}/resolve: what the provider said.
+class PaymentResolution(CamelModel):
+    outcome: Literal[PaymentStatus.SUCCEEDED, PaymentStatus.FAILED] = Field(
+        description="SUCCEEDED: the provider charged the card (the invoice turns PAID); "
+        "FAILED: it did not (the invoice may be paid again)"
+    )
 
 
 # GET /invoice/{invoice_id}/payments: every attempt, newest first.

@@ -1,30 +1,38 @@
-"""Paying an invoice through FakePay: claim, charge, settle.
+"""Paying an invoice through FakePay: claim, charge, settle, and resolve what stays unknown.
 
 A payment is three short steps so that no database transaction or pooled connection is held
 while the provider is called, and so that one invoice is charged at most once:
 
-1. claim: lock the invoice row, check it is PENDING with no attempt in flight, record a
-   PROCESSING attempt, commit. A concurrent claim for the same invoice waits on the lock, then
-   sees the attempt and gets `PaymentInProgressError`.
-2. charge: post the `FakePayRequest` (the invoice id is the transactionId, the key a provider
-   deduplicates on), turning every provider outcome into a `PaymentStatus`.
-3. settle: record the outcome; on success the invoice turns PAID in the same transaction.
+1. claim: write the invoice row (its `payment_attempts`, which also locks it), check it is
+   PENDING with no attempt open, record a PROCESSING attempt that holds the invoice's one open
+   slot (`payment.unsettled`), commit. The database itself refuses a second open attempt (a
+   unique key), so two claims cannot both win wherever they run; on one server the row lock
+   makes the second wait and then see the first.
+2. charge: post the `FakePayRequest` (the invoice id is the transactionId), turning every way
+   the call can end into a `PaymentStatus`.
+3. settle: record the outcome on the attempt while it holds the open slot; a success turns
+   the invoice PAID in the same transaction, and takes the invoice's one success slot
+   (`payment.succeeded`, unique too). A retry that finds its own outcome already recorded (the
+   first try's COMMIT arrived, its acknowledgement did not) is that outcome. An outcome the
+   database will not take within the request is handed to the `OutcomeRecorder`, which keeps
+   trying in the background: what the provider said is never dropped.
 
-An attempt left PROCESSING by a crash blocks its invoice only until it is older than the
-longest a payment can take (the provider call's deadline plus settle's retries) and a margin;
-the next claim then marks it ABANDONED. Settle only ever changes an attempt that is still
-PROCESSING, so a superseded attempt that the provider charged late is recorded as REFUND_DUE,
-never as a second success.
+An attempt whose outcome is unknown (no reply in time, or PROCESSING past the stale margin:
+its request is gone) may have charged the card. FakePay does not deduplicate a transactionId,
+so such an attempt keeps the open slot, and the invoice can be neither paid nor cancelled
+until an operator resolves it (`resolve_payment`) after checking with the provider. With
+`PROVIDER_DEDUPLICATES=true` a new claim replaces it instead and re-sends the same
+transactionId; if the replaced attempt's charge answers after that, it is REFUND_DUE.
 """
 
 import asyncio
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cache
 from typing import Annotated
 
@@ -33,15 +41,27 @@ import httpx
 from fastapi import Depends, Request
 from loguru import logger
 from pydantic import SecretStr, field_serializer
-from sqlalchemy import ColumnElement, bindparam, insert, literal_column, update
-from sqlalchemy.dialects.mysql import DATETIME
+from sqlalchemy import Update, bindparam, func, insert, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from db import DATABASE_UNREACHABLE, TransactionConflictError, execute_core
+from db import DATABASE_UNREACHABLE, TransactionConflictError, duplicate_key_name, execute_core
+from errors import ApiError, LostRaceError
 from idempotency import IdempotentRequest
-from invoices import THIS_INVOICE, count_status_change, find_invoice, lock_invoice
+from invoices import (
+    THIS_INVOICE,
+    InvoiceNotFoundError,
+    OutcomeUnknownError,
+    PaymentInProgressError,
+    count_status_change,
+    find_invoice,
+    get_invoice_or_404,
+    lock_invoice,
+    stale_cutoff,
+)
 from models import (
     CamelModel,
     Card,
@@ -72,37 +92,29 @@ class FakePayRequest(CamelModel):
     card: FakePayCard
 
 
-class PaymentError(Exception):
-    """A payment that did not happen; `main.py` maps each subclass to one status code."""
+class PaymentError(ApiError):
+    """A payment that did not happen, or did not finish; the detail names the invoice."""
 
     def __init__(self, invoice_id: str, message: str) -> None:
         super().__init__(message)
         self.invoice_id = invoice_id
-        self.message = message
-
-
-class InvoiceNotFoundError(PaymentError):
-    def __init__(self, invoice_id: str) -> None:
-        super().__init__(invoice_id, f"Invoice {invoice_id} not found")
 
 
 class InvoiceNotPayableError(PaymentError):
+    status_code = 409
+    documented = "The invoice is not PENDING"
+
     def __init__(self, invoice_id: str, status: str) -> None:
         super().__init__(
             invoice_id, f"Invoice {invoice_id} is {status}; only PENDING invoices can be paid"
         )
 
 
-class PaymentInProgressError(PaymentError):
-    def __init__(self, invoice_id: str) -> None:
-        super().__init__(
-            invoice_id,
-            f"A payment for invoice {invoice_id} is already in progress; "
-            "check the invoice before paying again",
-        )
-
-
 class ProviderBusyError(PaymentError):
+    status_code = 503
+    retry_after_s = 1
+    documented = "Too many payments in flight; nothing was charged (Retry-After)"
+
     def __init__(self, invoice_id: str) -> None:
         super().__init__(
             invoice_id,
@@ -111,6 +123,9 @@ class ProviderBusyError(PaymentError):
 
 
 class PaymentDeclinedError(PaymentError):
+    status_code = 402
+    documented = "FakePay declined the card; the invoice stays PENDING"
+
     def __init__(self, invoice_id: str, reason: str) -> None:
         super().__init__(
             invoice_id, f"Payment for invoice {invoice_id} was declined by FakePay: {reason}"
@@ -118,6 +133,9 @@ class PaymentDeclinedError(PaymentError):
 
 
 class ProviderUnavailableError(PaymentError):
+    status_code = 502
+    documented = "FakePay unreachable or failing; nothing was charged, the invoice stays PENDING"
+
     def __init__(self, invoice_id: str, reason: str) -> None:
         super().__init__(
             invoice_id,
@@ -127,16 +145,30 @@ class ProviderUnavailableError(PaymentError):
 
 
 class ProviderTimeoutError(PaymentError):
-    def __init__(self, invoice_id: str, reason: str) -> None:
+    status_code = 504
+    documented = "FakePay did not reply in time; the outcome is unknown (the detail says what next)"
+
+    def __init__(self, invoice_id: str, payment_id: int, reason: str, deduplicates: bool) -> None:
+        if deduplicates:
+            advice = "It is still PENDING; paying again re-sends the same transactionId"
+        else:
+            advice = (
+                "The card may have been charged: do not pay it again. Check the transaction "
+                f"{invoice_id} with the provider, then resolve attempt {payment_id} with "
+                f"POST /invoice/{invoice_id}/payments/{payment_id}/resolve"
+            )
         super().__init__(
             invoice_id,
-            f"Payment for invoice {invoice_id} has an unknown outcome: {reason}. "
-            "It is still PENDING; paying again reuses the same transactionId",
+            f"Payment for invoice {invoice_id} has an unknown outcome: {reason}. {advice}",
         )
 
 
 class PaymentNotStartedError(PaymentError):
     """The database failed before the provider was called: nothing was charged."""
+
+    status_code = 503
+    retry_after_s = 5
+    documented = "The database is unavailable; nothing was charged (Retry-After)"
 
     def __init__(self, invoice_id: str) -> None:
         super().__init__(
@@ -147,7 +179,15 @@ class PaymentNotStartedError(PaymentError):
 
 
 class OutcomeNotRecordedError(PaymentError):
-    """The provider answered but the database would not take the answer."""
+    """The provider answered but the database would not take the answer in time; the
+    process goes on recording it in the background."""
+
+    status_code = 503
+    retry_after_s = 5
+    documented = (
+        "FakePay answered but the database is unavailable; the detail says whether the card "
+        "was charged. The outcome is recorded as soon as the database is back"
+    )
 
     def __init__(self, invoice_id: str, status: PaymentStatus) -> None:
         charged = {
@@ -156,15 +196,18 @@ class OutcomeNotRecordedError(PaymentError):
         }.get(status, "the card was not charged")
         super().__init__(
             invoice_id,
-            f"Payment for invoice {invoice_id} could not be recorded (the database is "
-            f"unavailable), but {charged}. Do not pay it again: read it with "
-            f"GET /invoice/{invoice_id} once the service is back, or retry with the same "
-            "Idempotency-Key",
+            f"Payment for invoice {invoice_id} is not recorded yet (the database is "
+            f"unavailable), but {charged}; the service records it as soon as the database is "
+            f"back. Do not pay it again: read it with GET /invoice/{invoice_id} shortly, or "
+            "retry with the same Idempotency-Key",
         )
 
 
-class ChargedAfterSupersededError(PaymentError):
+class ChargedAfterReplacedError(PaymentError):
     """A stalled attempt that the provider charged after a later attempt had replaced it."""
+
+    status_code = 409
+    documented = "This attempt was charged after a later one had replaced it: REFUND_DUE"
 
     def __init__(self, invoice_id: str) -> None:
         super().__init__(
@@ -172,6 +215,26 @@ class ChargedAfterSupersededError(PaymentError):
             f"This payment for invoice {invoice_id} was charged after it had been replaced by "
             "a later attempt; the charge is recorded as REFUND_DUE to be refunded. Read the "
             f"invoice with GET /invoice/{invoice_id}",
+        )
+
+
+class PaymentNotFoundError(PaymentError):
+    status_code = 404
+    documented = "The invoice has no payment attempt with this id"
+
+    def __init__(self, invoice_id: str, payment_id: int) -> None:
+        super().__init__(invoice_id, f"Invoice {invoice_id} has no payment attempt {payment_id}")
+
+
+class PaymentNotUnknownError(PaymentError):
+    status_code = 409
+    documented = "Only an attempt whose outcome is UNKNOWN can be resolved"
+
+    def __init__(self, invoice_id: str, payment_id: int, status: str) -> None:
+        super().__init__(
+            invoice_id,
+            f"Payment attempt {payment_id} of invoice {invoice_id} is {status}; only an "
+            "UNKNOWN outcome can be resolved",
         )
 
 
@@ -214,6 +277,7 @@ class FakePayClient:
         self.read_timeout = config.fakepay_timeout
         self.deadline = config.fakepay_deadline
         self.stale_after_s = math.ceil(config.payment_stale_after_s)
+        self.deduplicates = config.provider_deduplicates
         self._slots = anyio.CapacityLimiter(config.fakepay_max_concurrency)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(config.fakepay_timeout, connect=config.fakepay_connect_timeout),
@@ -283,41 +347,126 @@ class ClaimedInvoice:
     payment_id: int
 
 
+# The pay path's statements, built once (building one and its cache key costs more than
+# sending it) and run as Core statements (`db.execute_core`): no unit-of-work flush.
+THIS_ATTEMPT = col(Payment.id) == bindparam("payment_id")
+HOLDS_OPEN_SLOT = col(Payment.unsettled) == 1
+CLAIM_INVOICE = (
+    update(Invoice).where(THIS_INVOICE).values(payment_attempts=col(Invoice.payment_attempts) + 1)
+)
+RECORD_ATTEMPT = insert(Payment.metadata.tables["payment"]).values(unsettled=1)
+REPLACE_ATTEMPT = (
+    update(Payment)
+    .where(THIS_ATTEMPT)
+    .values(
+        payment_status=PaymentStatus.UNKNOWN,
+        unsettled=None,
+        reason="replaced by a later attempt with the same transactionId",
+    )
+)
+MARK_PAID = (
+    update(Invoice)
+    .where(THIS_INVOICE, col(Invoice.invoice_status) == InvoiceStatus.PENDING)
+    .where(select(Payment.id).where(THIS_ATTEMPT, HOLDS_OPEN_SLOT).exists())
+    .values(invoice_status=InvoiceStatus.PAID)
+)
+RECORD_OUTCOME = (
+    update(Payment)
+    .where(THIS_ATTEMPT, HOLDS_OPEN_SLOT)
+    .values(
+        payment_status=bindparam("outcome"),
+        reason=bindparam("outcome_reason"),
+        unsettled=bindparam("still_unsettled"),
+        succeeded=bindparam("succeeded"),
+    )
+)
+READ_ATTEMPT = select(col(Payment.payment_status)).where(THIS_ATTEMPT)
+MARK_REFUND_DUE = (
+    update(Payment)
+    .where(THIS_ATTEMPT)
+    .values(
+        payment_status=PaymentStatus.REFUND_DUE,
+        unsettled=None,
+        succeeded=None,
+        reason="charged after a later attempt had replaced this one: refund it",
+    )
+)
+# The true end of an attempt that a later one replaced while it was UNKNOWN: no refund due.
+RECORD_LATE_OUTCOME = (
+    update(Payment)
+    .where(THIS_ATTEMPT, col(Payment.payment_status) == PaymentStatus.UNKNOWN)
+    .where(col(Payment.unsettled).is_(None), col(Payment.resolved_at).is_(None))
+    .values(payment_status=bindparam("outcome"), reason=bindparam("outcome_reason"))
+)
+
+
+@cache
+def open_attempt(stale_after_s: int) -> Select[int | None, str, bool]:
+    """The invoice's attempt holding its open slot (at most one: a unique key), with its
+    status and whether it is older than `stale_after_s`."""
+    return select(
+        col(Payment.id),
+        col(Payment.payment_status),
+        col(Payment.created_at) < stale_cutoff(stale_after_s),
+    ).where(col(Payment.invoice_id) == bindparam("invoice_id"), HOLDS_OPEN_SLOT)
+
+
+CONFLICT_TRIES = 3  # a claim that loses this many races in a row is answered as lost
+
+
 async def claim(
     session: AsyncSession,
+    fakepay: FakePayClient,
     invoice_id: str,
     masked: MaskedCard,
-    stale_after_s: int,
     idempotency: IdempotentRequest,
 ) -> ClaimedInvoice:
-    """Lock the invoice row (its customer is only read), check it can be paid, record a
-    PROCESSING attempt, and reserve the request's Idempotency-Key with it."""
+    """Record a PROCESSING attempt for a PENDING invoice with no attempt open, and reserve the
+    request's Idempotency-Key with it. A conflict with a concurrent transaction (nothing was
+    sent yet) is tried again, then answered as the lost race it is."""
+    for tries_left in reversed(range(CONFLICT_TRIES)):
+        try:
+            with idempotency.twin_refused(), open_slot_taken(invoice_id):
+                claimed = await record_attempt(session, fakepay, invoice_id, masked, idempotency)
+        except TransactionConflictError:
+            if not tries_left:
+                raise LostRaceError() from None
+            continue
+        except DATABASE_UNREACHABLE:
+            raise PaymentNotStartedError(invoice_id) from None
+        idempotency.reserved = True
+        return claimed
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextmanager
+def open_slot_taken(invoice_id: str) -> Iterator[None]:
+    """Around a claim's commit: the database refusing a second open attempt means another
+    claim got there first."""
     try:
-        with idempotency.twin_refused():
-            claimed = await record_attempt(session, invoice_id, masked, stale_after_s, idempotency)
-    except DATABASE_UNREACHABLE:
-        raise PaymentNotStartedError(invoice_id) from None
-    idempotency.reserved = True
-    return claimed
+        yield
+    except IntegrityError as error:
+        if duplicate_key_name(error) == "uq_payment_unsettled":
+            raise PaymentInProgressError(invoice_id) from None
+        raise
 
 
 async def record_attempt(
     session: AsyncSession,
+    fakepay: FakePayClient,
     invoice_id: str,
     masked: MaskedCard,
-    stale_after_s: int,
     idempotency: IdempotentRequest,
 ) -> ClaimedInvoice:
     """The claim's one transaction, ended by its commit."""
     async with session.begin():
-        status = await lock_invoice(session, invoice_id)
-        if status is None:
+        claimed = await execute_core(session, CLAIM_INVOICE, {"invoice_id": invoice_id})
+        invoice = await find_invoice(session, invoice_id) if claimed.rowcount else None
+        if invoice is None:
             raise InvoiceNotFoundError(invoice_id)
-        if status != InvoiceStatus.PENDING:
-            raise InvoiceNotPayableError(invoice_id, status)
-        await supersede_stalled_attempts(session, invoice_id, stale_after_s)
-        invoice = await find_invoice(session, invoice_id)
-        assert invoice is not None  # its row is locked: it exists
+        if invoice.invoice_status != InvoiceStatus.PENDING:
+            raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
+        await free_open_slot(session, fakepay, invoice_id)
         recorded = await execute_core(
             session,
             RECORD_ATTEMPT,
@@ -332,115 +481,262 @@ async def record_attempt(
         return ClaimedInvoice(invoice, recorded.lastrowid)
 
 
-async def supersede_stalled_attempts(
-    session: AsyncSession, invoice_id: str, stale_after_s: int
-) -> None:
-    """409 while an attempt is in flight; one older than `stale_after_s` is ABANDONED."""
-    attempts = await execute_core(
-        session, in_flight_attempts(stale_after_s), {"invoice_id": invoice_id}
+async def free_open_slot(session: AsyncSession, fakepay: FakePayClient, invoice_id: str) -> None:
+    """409 while an attempt is in flight. One whose outcome is unknown (or PROCESSING past the
+    stale margin: its request is gone) may have charged the card: it blocks the invoice until
+    resolved, unless the provider deduplicates, in which case it is replaced."""
+    found = await execute_core(
+        session, open_attempt(fakepay.stale_after_s), {"invoice_id": invoice_id}
     )
-    in_flight = attempts.all()
-    if any(not stale for _, stale in in_flight):
+    attempt = found.first()
+    if attempt is None:
+        return
+    payment_id, status, stale = attempt
+    if status == PaymentStatus.PROCESSING and not stale:
         raise PaymentInProgressError(invoice_id)
-    if in_flight:
-        await session.exec(
-            update(Payment)
-            .where(col(Payment.id).in_([payment_id for payment_id, _ in in_flight]))
-            .values(payment_status=PaymentStatus.ABANDONED, reason="superseded after a stall")
+    if not fakepay.deduplicates:
+        raise OutcomeUnknownError(invoice_id, payment_id)
+    await execute_core(session, REPLACE_ATTEMPT, {"payment_id": payment_id})
+    logger.warning("invoice {}: attempt {} replaced, its outcome unknown", invoice_id, payment_id)
+
+
+async def record_outcome(
+    session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult
+) -> bool:
+    """One transaction that records the outcome on the attempt; whether it stands (False: a
+    later attempt had replaced this one, and a charge is then REFUND_DUE).
+
+    A success takes the invoice row first, the lock every claim takes first too, so a settle
+    and a claim never deadlock. Recording an outcome the attempt already has is a success:
+    that is a retry whose first try committed.
+    """
+    invoice_id = str(claimed.invoice.id)
+    attempt = {"invoice_id": invoice_id, "payment_id": claimed.payment_id}
+    succeeded = result.status == PaymentStatus.SUCCEEDED
+    async with session.begin():
+        recorded = False
+        if not succeeded or (await execute_core(session, MARK_PAID, attempt)).rowcount:
+            outcome = {
+                **attempt,
+                "outcome": result.status,
+                "outcome_reason": result.reason,
+                "still_unsettled": 1 if result.status == PaymentStatus.UNKNOWN else None,
+                "succeeded": 1 if succeeded else None,
+            }
+            recorded = bool((await execute_core(session, RECORD_OUTCOME, outcome)).rowcount)
+        if succeeded and recorded:
+            await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
+        if recorded:
+            return True
+        current = (await execute_core(session, READ_ATTEMPT, attempt)).scalar_one()
+        if current == result.status:
+            return True
+        if succeeded:
+            await execute_core(session, MARK_REFUND_DUE, attempt)
+            logger.error(
+                "invoice {}: attempt {} was charged after a later attempt had replaced it; "
+                "this charge must be refunded",
+                invoice_id,
+                claimed.payment_id,
+            )
+        elif result.status != PaymentStatus.UNKNOWN:
+            late = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
+            await execute_core(session, RECORD_LATE_OUTCOME, late)
+        return False
+
+
+async def settle(
+    session: AsyncSession,
+    recorder: "OutcomeRecorder",
+    claimed: ClaimedInvoice,
+    result: ChargeResult,
+) -> bool:
+    """Record the outcome, retrying through a short outage or a lost race; whether it stands.
+    Past the request's retries the recorder takes it over, and the client is told."""
+    for delay in SETTLE_RETRY_DELAYS_S:
+        try:
+            return await record_outcome(session, claimed, result)
+        except (*DATABASE_UNREACHABLE, TransactionConflictError):
+            logger.warning("recording payment of invoice {} failed; retrying", claimed.invoice.id)
+            await asyncio.sleep(delay)
+    try:
+        return await record_outcome(session, claimed, result)
+    except (*DATABASE_UNREACHABLE, TransactionConflictError):
+        recorder.record_later(claimed, result)
+        raise OutcomeNotRecordedError(str(claimed.invoice.id), result.status) from None
+
+
+class OutcomeRecorder:
+    """Outcomes the provider gave that the database would not take during their request.
+
+    Each is retried in the background, a little less often each time, for as long as it
+    takes, and logged at ERROR while it waits: a charge must not be forgotten because the
+    database was away. Per process; an outcome still waiting when the process stops is
+    logged with what an operator must do, and its attempt turns UNKNOWN after the stale
+    margin, which blocks the invoice until it is resolved.
+    """
+
+    FIRST_DELAY_S = 1.0
+    LONGEST_DELAY_S = 30.0
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.waiting: dict[int, tuple[ClaimedInvoice, ChargeResult]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def record_later(self, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+        self.waiting[claimed.payment_id] = (claimed, result)
+        task = asyncio.get_running_loop().create_task(self._record(claimed, result))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record(self, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+        delay = self.FIRST_DELAY_S
+        while True:
+            logger.error(
+                "payment outcome {} of invoice {} (attempt {}) is not recorded yet; "
+                "trying again in {:g} s",
+                result.status,
+                claimed.invoice.id,
+                claimed.payment_id,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            try:
+                async with AsyncSession(self.engine) as session:
+                    await record_outcome(session, claimed, result)
+            except (*DATABASE_UNREACHABLE, TransactionConflictError):
+                delay = min(delay * 2, self.LONGEST_DELAY_S)
+                continue
+            self.waiting.pop(claimed.payment_id, None)
+            logger.warning(
+                "payment outcome {} of invoice {} recorded late", result.status, claimed.invoice.id
+            )
+            return
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for claimed, result in self.waiting.values():
+            logger.error(
+                "stopping with the outcome {} of invoice {} (attempt {}) unrecorded: once it is "
+                "UNKNOWN, resolve it with POST /invoice/{}/payments/{}/resolve",
+                result.status,
+                claimed.invoice.id,
+                claimed.payment_id,
+                claimed.invoice.id,
+                claimed.payment_id,
+            )
+
+
+async def get_recorder(request: Request) -> OutcomeRecorder:
+    recorder: OutcomeRecorder = request.state.recorder
+    return recorder
+
+
+RecorderDep = Annotated[OutcomeRecorder, Depends(get_recorder)]
+
+
+def sweep_stalled(stale_after_s: int) -> Update:
+    """Attempts left PROCESSING past the stale margin belong to requests that are gone: their
+    outcome is UNKNOWN (they keep the open slot, so the invoice waits for a resolution)."""
+    return (
+        update(Payment)
+        .where(
+            col(Payment.payment_status) == PaymentStatus.PROCESSING,
+            col(Payment.created_at) < stale_cutoff(stale_after_s),
         )
-        logger.warning("invoice {} had a stalled payment attempt; marked ABANDONED", invoice_id)
+        .values(
+            payment_status=PaymentStatus.UNKNOWN,
+            reason=f"no outcome recorded within {stale_after_s} s: the card may have been charged",
+        )
+    )
 
 
-def stale_cutoff(seconds: int) -> ColumnElement[datetime]:
-    """Server time, so the app's and the database's clocks never need to agree."""
-    return literal_column(f"NOW(6) - INTERVAL {int(seconds)} SECOND", type_=DATETIME(fsp=6))
+async def sweep_stalled_forever(
+    engine: AsyncEngine, stale_after_s: int, every_s: float = 30
+) -> None:
+    """The lifespan's background task. Several processes sweeping at once are harmless: the
+    statement only moves PROCESSING rows past the margin to UNKNOWN."""
+    statement = sweep_stalled(stale_after_s)
+    while True:
+        try:
+            async with engine.begin() as connection:
+                swept = await connection.execute(statement)
+            if swept.rowcount:
+                logger.error("{} stalled payment attempts are now UNKNOWN", swept.rowcount)
+        except (*DATABASE_UNREACHABLE, TransactionConflictError):
+            logger.warning("sweeping stalled payment attempts failed; will try again")
+        await asyncio.sleep(every_s)
 
 
-# The pay path's statements, built once (building one and its cache key costs more than
-# sending it) and run as Core statements (`db.execute_core`): no unit-of-work flush.
-THIS_ATTEMPT = col(Payment.id) == bindparam("payment_id")
-STILL_PROCESSING = col(Payment.payment_status) == PaymentStatus.PROCESSING
-RECORD_ATTEMPT = insert(Payment.metadata.tables["payment"])
-MARK_PAID = (
-    update(Invoice)
-    .where(THIS_INVOICE, col(Invoice.invoice_status) == InvoiceStatus.PENDING)
-    .where(select(Payment.id).where(THIS_ATTEMPT, STILL_PROCESSING).exists())
-    .values(invoice_status=InvoiceStatus.PAID)
-)
-RECORD_OUTCOME = (
+RESOLVE_PAID = (
     update(Payment)
-    .where(THIS_ATTEMPT, STILL_PROCESSING)
-    .values(payment_status=bindparam("outcome"), reason=bindparam("outcome_reason"))
+    .where(THIS_ATTEMPT)
+    .values(
+        payment_status=bindparam("outcome"),
+        unsettled=None,
+        succeeded=bindparam("succeeded"),
+        resolved_at=func.now(6),
+        resolved_by=bindparam("resolved_by"),
+    )
 )
 
 
 @cache
-def in_flight_attempts(stale_after_s: int) -> Select[int | None, bool]:
-    """The invoice's PROCESSING attempts, each with whether it is older than `stale_after_s`."""
-    return select(col(Payment.id), col(Payment.created_at) < stale_cutoff(stale_after_s)).where(
-        col(Payment.invoice_id) == bindparam("invoice_id"), STILL_PROCESSING
+def attempt_of_invoice(stale_after_s: int) -> Select[str, bool]:
+    """An attempt's status, and whether it is older than `stale_after_s`."""
+    return select(
+        col(Payment.payment_status), col(Payment.created_at) < stale_cutoff(stale_after_s)
+    ).where(THIS_ATTEMPT, col(Payment.invoice_id) == bindparam("invoice_id"))
+
+
+async def resolve_payment(
+    session: AsyncSession,
+    invoice_id: str,
+    payment_id: int,
+    outcome: PaymentStatus,
+    resolved_by: str,
+    stale_after_s: int,
+) -> InvoicePublic:
+    """An operator's word on an UNKNOWN attempt, after checking with the provider: SUCCEEDED
+    pays the invoice (or, if it was paid meanwhile, is a second charge: REFUND_DUE), FAILED
+    frees it for a new payment. Under the invoice row lock, like every payment change. An
+    attempt PROCESSING past the stale margin is UNKNOWN, whether or not the sweep has marked it
+    yet."""
+    attempt = {"invoice_id": invoice_id, "payment_id": payment_id}
+    async with session.begin():
+        if await lock_invoice(session, invoice_id) is None:
+            raise InvoiceNotFoundError(invoice_id)
+        found = await execute_core(session, attempt_of_invoice(stale_after_s), attempt)
+        row = found.first()
+        if row is None:
+            raise PaymentNotFoundError(invoice_id, payment_id)
+        status, stale = row
+        if not (status == PaymentStatus.UNKNOWN or (status == PaymentStatus.PROCESSING and stale)):
+            raise PaymentNotUnknownError(invoice_id, payment_id, status)
+        succeeded = outcome == PaymentStatus.SUCCEEDED
+        if succeeded and not (await execute_core(session, MARK_PAID, attempt)).rowcount:
+            outcome, succeeded = PaymentStatus.REFUND_DUE, False
+        elif succeeded:
+            await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
+        resolution = {
+            **attempt,
+            "outcome": outcome,
+            "succeeded": 1 if succeeded else None,
+            "resolved_by": resolved_by,
+        }
+        await execute_core(session, RESOLVE_PAID, resolution)
+    logger.warning(
+        "invoice {}: attempt {} resolved as {} by {}", invoice_id, payment_id, outcome, resolved_by
     )
-
-
-async def settle(session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult) -> bool:
-    """Record the outcome on the attempt if it is still PROCESSING; whether it was.
-
-    Retries through a short database outage: once the provider has answered, losing that
-    answer would leave a charged invoice PENDING. Each try is one transaction of absolute
-    values, so a retry is harmless. A success takes the invoice row first, the lock every
-    claim takes first too, so a settle and a claim never deadlock.
-    """
-    invoice_id = str(claimed.invoice.id)
-    attempt = {"invoice_id": invoice_id, "payment_id": claimed.payment_id}
-    outcome = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
-    for delay in (*SETTLE_RETRY_DELAYS_S, None):
-        try:
-            async with session.begin():
-                if result.status == PaymentStatus.SUCCEEDED:
-                    paid = await execute_core(session, MARK_PAID, attempt)
-                    if paid.rowcount:
-                        await count_status_change(
-                            session, InvoiceStatus.PENDING, InvoiceStatus.PAID
-                        )
-                recorded = await execute_core(session, RECORD_OUTCOME, outcome)
-                if recorded.rowcount == 0 and result.status == PaymentStatus.SUCCEEDED:
-                    await record_late_charge(session, claimed)
-        except (*DATABASE_UNREACHABLE, TransactionConflictError):
-            if delay is None:
-                logger.error(
-                    "payment outcome {} of invoice {} not recorded: database unreachable",
-                    result.status,
-                    invoice_id,
-                )
-                raise OutcomeNotRecordedError(invoice_id, result.status) from None
-            logger.warning("recording payment of invoice {} failed; retrying", invoice_id)
-            await asyncio.sleep(delay)
-        else:
-            return bool(recorded.rowcount)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def record_late_charge(session: AsyncSession, claimed: ClaimedInvoice) -> None:
-    """The provider charged an attempt that a later one had already superseded."""
-    await session.exec(
-        update(Payment)
-        .where(col(Payment.id) == claimed.payment_id)
-        .values(
-            payment_status=PaymentStatus.REFUND_DUE,
-            reason="charged after this attempt had been superseded: refund it",
-        )
-    )
-    logger.error(
-        "invoice {}: attempt {} was charged after it had been superseded; "
-        "this charge must be refunded",
-        claimed.invoice.id,
-        claimed.payment_id,
-    )
+    return await get_invoice_or_404(session, uuid.UUID(invoice_id))
 
 
 async def pay_invoice(
     session: AsyncSession,
     fakepay: FakePayClient,
+    recorder: OutcomeRecorder,
     invoice_id: str,
     card: Card,
     idempotency: IdempotentRequest,
@@ -448,11 +744,11 @@ async def pay_invoice(
     """Charge `card` for a PENDING invoice once, answering the invoice PAID with the masked
     card; raise a `PaymentError` for every other end."""
     masked = card.masked()
-    claimed = await claim(session, invoice_id, masked, fakepay.stale_after_s, idempotency)
+    claimed = await claim(session, fakepay, invoice_id, masked, idempotency)
     with fakepay.slot() as acquired:
         if not acquired:
             busy = ChargeResult(PaymentStatus.FAILED, "too many payments in flight", sent=False)
-            await settle(session, claimed, busy)
+            await settle(session, recorder, claimed, busy)
             raise ProviderBusyError(invoice_id)
         logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
         started = time.perf_counter()
@@ -466,8 +762,11 @@ async def pay_invoice(
         result.reason or "ok",
         elapsed_ms,
     )
-    if not await settle(session, claimed, result) and result.status == PaymentStatus.SUCCEEDED:
-        raise ChargedAfterSupersededError(invoice_id)
+    if (
+        not await settle(session, recorder, claimed, result)
+        and result.status == PaymentStatus.SUCCEEDED
+    ):
+        raise ChargedAfterReplacedError(invoice_id)
     if result.status == PaymentStatus.SUCCEEDED:
         return claimed.invoice.model_copy(
             update={"invoice_status": InvoiceStatus.PAID, "card": masked}
@@ -476,7 +775,7 @@ async def pay_invoice(
     if result.status == PaymentStatus.DECLINED:
         raise PaymentDeclinedError(invoice_id, reason)
     if result.status == PaymentStatus.UNKNOWN:
-        raise ProviderTimeoutError(invoice_id, reason)
+        raise ProviderTimeoutError(invoice_id, claimed.payment_id, reason, fakepay.deduplicates)
     raise ProviderUnavailableError(invoice_id, reason)
 
 

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     db_read_timeout: float = Field(
         default=1.2, gt=0, description="seconds one query may wait for the server's reply"
     )
+    # Below the read timeout, so a lock held too long is the server's lock-wait error (a lost
+    # race: 409), not a silent connection (an outage: 503).
+    db_lock_wait_timeout: int = Field(
+        default=1, ge=1, description="seconds a statement may wait for a row lock"
+    )
     db_pool_size: int = Field(default=20, ge=1, description="connections per process")
     db_pool_timeout: float = Field(default=2.0, gt=0, description="seconds to wait for one")
 
@@ -47,6 +52,13 @@ class Settings(BaseSettings):
     )
     fakepay_max_concurrency: int = Field(
         default=8, ge=1, description="provider calls in flight per process; more answer 503"
+    )
+
+    provider_deduplicates: bool = Field(
+        default=False,
+        description="whether the provider charges one transactionId at most once. FakePay "
+        "does not: then an attempt with an unknown outcome blocks its invoice until an "
+        "operator resolves it; with true, paying again re-sends the same transactionId",
     )
 
     max_page_offset: int = Field(

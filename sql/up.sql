@@ -19,6 +19,9 @@ CREATE TABLE invoice (
     job_description VARCHAR(255)  NOT NULL,
     amount          DECIMAL(12,2) NOT NULL,
     invoice_status  VARCHAR(10)   NOT NULL DEFAULT 'PENDING',
+    -- claims so far: every claim writes the invoice row, so on a multi-primary cluster a
+    -- claim and a concurrent settle or cancel of the invoice conflict at certification
+    payment_attempts INT          NOT NULL DEFAULT 0,
     created_at      DATETIME(6)   NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     modified_at     DATETIME(6)   NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
     PRIMARY KEY (id),
@@ -33,7 +36,9 @@ CREATE TABLE invoice (
     INDEX ix_invoice_customer_status_created (customer_id, invoice_status, created_at, id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
--- One row per attempt to charge a card for an invoice; never the full card number.
+-- One row per attempt to charge a card for an invoice; never the full card number. The
+-- database refuses a second open (PROCESSING or UNKNOWN) and a second successful attempt for
+-- an invoice: the markers `unsettled` and `succeeded` are 1 or NULL, and NULLs never collide.
 CREATE TABLE payment (
     id             BIGINT       NOT NULL AUTO_INCREMENT,
     invoice_id     CHAR(36)     NOT NULL,
@@ -42,6 +47,10 @@ CREATE TABLE payment (
     card_expiry    CHAR(7)      NOT NULL,
     payment_status VARCHAR(10)  NOT NULL DEFAULT 'PROCESSING',
     reason         VARCHAR(255) NULL,
+    unsettled      TINYINT      NULL,
+    succeeded      TINYINT      NULL,
+    resolved_at    DATETIME(6)  NULL,
+    resolved_by    VARCHAR(64)  NULL,
     created_at     DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     modified_at    DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
     PRIMARY KEY (id),
@@ -49,6 +58,12 @@ CREATE TABLE payment (
         payment_status IN
             ('PROCESSING', 'SUCCEEDED', 'DECLINED', 'FAILED', 'UNKNOWN', 'ABANDONED', 'REFUND_DUE')),
     INDEX ix_payment_invoice_status (invoice_id, payment_status),
+    CONSTRAINT ck_payment_unsettled CHECK (unsettled = 1),
+    CONSTRAINT ck_payment_succeeded CHECK (succeeded = 1),
+    UNIQUE INDEX uq_payment_unsettled (invoice_id, unsettled),
+    UNIQUE INDEX uq_payment_succeeded (invoice_id, succeeded),
+    -- the attempts in one state, newest first: GET /payments?status=, the stalled-attempt sweep
+    INDEX ix_payment_status (payment_status, id),
     CONSTRAINT fk_payment_invoice FOREIGN KEY (invoice_id) REFERENCES invoice (id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
@@ -81,7 +96,7 @@ CREATE TABLE api_key (
     PRIMARY KEY (id),
     UNIQUE INDEX uq_api_key_name (name),
     UNIQUE INDEX uq_api_key_secret_hash (secret_hash),
-    CONSTRAINT ck_api_key_scope CHECK (scope IN ('read', 'write'))
+    CONSTRAINT ck_api_key_scope CHECK (scope IN ('read', 'write', 'admin'))
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 -- Exact invoice totals per status for GET /invoices without COUNT(*) over millions of rows.
@@ -101,7 +116,7 @@ CREATE TABLE alembic_version (
     PRIMARY KEY (version_num)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
-INSERT INTO alembic_version (version_num) VALUES ('0002');
+INSERT INTO alembic_version (version_num) VALUES ('0003');
 
 INSERT INTO invoice_status_count (invoice_status, shard)
 WITH RECURSIVE shards (n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM shards WHERE n < 15)

@@ -81,15 +81,23 @@ def attempts(invoice_id: str) -> list[tuple[str, str | None]]:
 
 def insert_attempt(invoice_id: str, status: str = "PROCESSING", age_s: int = 0) -> None:
     """A payment attempt written straight into the table, as a crashed or stalled request
-    would have left it, `age_s` seconds old."""
+    would have left it, `age_s` seconds old, with the markers the app writes: an open one
+    (PROCESSING, UNKNOWN) holds its invoice's open slot, a SUCCEEDED one the success slot."""
     with direct_engine.begin() as connection:
         connection.execute(
             text(
                 "INSERT INTO payment (invoice_id, card_number, card_name, card_expiry, "
-                "payment_status, created_at) VALUES (:id, '123456********5678', 'Crash', "
-                "'01-2040', :status, NOW(6) - INTERVAL :age SECOND)"
+                "payment_status, unsettled, succeeded, created_at) VALUES (:id, "
+                "'123456********5678', 'Crash', '01-2040', :status, :unsettled, :succeeded, "
+                "NOW(6) - INTERVAL :age SECOND)"
             ),
-            {"id": invoice_id, "status": status, "age": age_s},
+            {
+                "id": invoice_id,
+                "status": status,
+                "unsettled": 1 if status in {"PROCESSING", "UNKNOWN"} else None,
+                "succeeded": 1 if status == "SUCCEEDED" else None,
+                "age": age_s,
+            },
         )
 
 
@@ -117,9 +125,9 @@ def wait_until(
         time.sleep(every_s)
 
 
-# What a PROCESSING attempt past the stale margin is marked once a later pay of its invoice
-# replaces it. After the payments redesign it stays UNKNOWN instead.
-SUPERSEDED = "ABANDONED"
+# What a PROCESSING attempt past the stale margin is once a later pay of its invoice replaces
+# it (with a provider that deduplicates): its outcome is unknown, and stays so.
+SUPERSEDED = "UNKNOWN"
 
 
 def make_attempts_stale(invoice_id: str) -> None:
@@ -165,9 +173,8 @@ def superseded_attempt(
     `.reply`. The app's provider timeout must be longer than the block takes, unless `late`
     is None.
 
-    After the payments redesign the superseded attempt is UNKNOWN, and an invoice with an
-    UNKNOWN attempt is payable only with PROVIDER_DEDUPLICATES=true: turn that on around
-    this block (and set SUPERSEDED to "UNKNOWN").
+    The superseded attempt is UNKNOWN, and an invoice with an UNKNOWN attempt is payable
+    again only with PROVIDER_DEDUPLICATES=true: the provider's client must have it on.
     """
     gate = threading.Event()
     if late is None:

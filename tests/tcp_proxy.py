@@ -16,6 +16,8 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._frozen = threading.Event()
+        self._drop_reply_to: bytes | None = None
+        self._dropping: set[socket.socket] = set()
 
     def start(self) -> None:
         listener = socket.socket()
@@ -48,6 +50,12 @@ class TcpProxy:
     def thaw(self) -> None:
         self._frozen.clear()
 
+    def drop_reply_to(self, statement: bytes) -> None:
+        """Forward the next query containing `statement` (say, a COMMIT), then break that
+        connection before the server's reply reaches the app: the server did the work, the
+        app never hears so."""
+        self._drop_reply_to = statement
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -72,6 +80,13 @@ class TcpProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with suppress(OSError):
             while chunk := source.recv(65536):
+                if source in self._dropping:  # the reply to the statement to drop
+                    for end in (source, sink):
+                        end.shutdown(socket.SHUT_RDWR)
+                    return
+                if self._drop_reply_to is not None and self._drop_reply_to in chunk:
+                    self._drop_reply_to = None
+                    self._dropping.add(sink)
                 if not self._frozen.is_set():
                     sink.sendall(chunk)
         with suppress(OSError):

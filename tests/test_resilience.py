@@ -76,8 +76,8 @@ def test_concurrent_pays_of_one_invoice_charge_once(
     conflicts = {r.json()["detail"] for r in responses if r.status_code == 409}
     assert conflicts <= {
         f"Invoice {invoice_id} is PAID; only PENDING invoices can be paid",
-        f"A payment for invoice {invoice_id} is already in progress; "
-        "check the invoice before paying again",
+        f"A payment for invoice {invoice_id} is in progress; read the invoice again in a few "
+        "seconds before paying or cancelling it",
     }
 
 
@@ -94,21 +94,35 @@ def test_attempt_in_flight_blocks_another_pay_with_409(
     response = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
 
     assert response.status_code == 409
-    assert "already in progress" in response.json()["detail"]
+    assert "is in progress" in response.json()["detail"]
     assert fakepay.requests_for(invoice_id) == []
 
 
-def test_stalled_attempt_is_abandoned_and_the_invoice_paid(
+def test_a_stalled_attempt_waits_for_an_operator_then_the_invoice_is_paid(
     http: httpx.Client, fakepay: FakePayProcess
 ) -> None:
+    """The request that made the attempt is long gone and it may have charged the card:
+    nothing charges the invoice again until an operator, having checked with the provider,
+    resolves it."""
     invoice_id = create_pending_invoice(http)
     insert_attempt(invoice_id, age_s=3600)
+    refused = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+    (stalled,) = http.get(f"/invoice/{invoice_id}/payments").json()["items"]
 
-    response = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
+    resolved = http.post(
+        f"/invoice/{invoice_id}/payments/{stalled['paymentId']}/resolve",
+        json={"outcome": "FAILED"},
+    )
+    paid = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
 
-    assert response.status_code == 201
-    assert attempt_statuses(invoice_id) == [PaymentStatus.ABANDONED, PaymentStatus.SUCCEEDED]
-    assert fakepay.requests_for(invoice_id)[0]["request"]["transactionId"] == invoice_id
+    assert refused.status_code == 409
+    assert "has an unknown outcome" in refused.json()["detail"]
+    assert resolved.status_code == 200
+    assert paid.status_code == 201
+    assert attempt_statuses(invoice_id) == [PaymentStatus.FAILED, PaymentStatus.SUCCEEDED]
+    assert [entry["request"]["transactionId"] for entry in fakepay.requests_for(invoice_id)] == [
+        invoice_id
+    ]
 
 
 HANGING_CAP = 30  # payments allowed to wait on the provider at once

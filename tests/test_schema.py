@@ -64,12 +64,9 @@ def execute(config: Settings, *statements: str) -> None:
             cursor.execute(statement)
 
 
-def rows_of(connection: Connection, table: str, order_by: str) -> list[tuple[Any, ...]]:
-    columns = "*" if table != "customer" else "customer_id, customer_name, customer_email"
-    return [
-        tuple(row)
-        for row in connection.execute(text(f"SELECT {columns} FROM {table} ORDER BY {order_by}"))
-    ]
+def rows_of(connection: Connection, table: str, order_by: str) -> list[dict[str, Any]]:
+    query = text(f"SELECT * FROM {table} ORDER BY {order_by}")
+    return [dict(row) for row in connection.execute(query).mappings()]
 
 
 TABLE_ORDER = {
@@ -81,7 +78,7 @@ TABLE_ORDER = {
 }
 
 
-def every_row(config: Settings) -> dict[str, list[tuple[Any, ...]]]:
+def every_row(config: Settings) -> dict[str, list[dict[str, Any]]]:
     with schema_connection(config) as connection:
         return {table: rows_of(connection, table, order) for table, order in TABLE_ORDER.items()}
 
@@ -147,7 +144,7 @@ def test_db_up_on_a_new_database_creates_the_schema_and_seed_rows(scratch: Setti
 
     assert message.startswith("created the schema and seed data")
     rows = every_row(scratch)
-    assert [row[0] for row in rows["customer"]] == [1, 2, 3, 4, 5]
+    assert [row["customer_id"] for row in rows["customer"]] == [1, 2, 3, 4, 5]
     assert len(rows["invoice"]) == 5
 
 
@@ -188,7 +185,17 @@ def test_db_up_upgrades_a_database_made_before_migrations_keeping_every_row(
     message = upgrade_to_head(scratch)
 
     assert message.startswith(f"upgraded `{scratch.db_name}` from revision 0001")
-    assert every_row(scratch) == before
+    after = every_row(scratch)
+    for table, rows in before.items():  # every row and column kept; new columns beside them
+        assert [
+            {name: row[name] for name in was} for row, was in zip(after[table], rows, strict=True)
+        ] == rows
+    markers = [
+        (row["payment_status"], row["unsettled"], row["succeeded"]) for row in after["payment"]
+    ]
+    assert ("UNKNOWN", 1, None) in markers  # the newest open attempt holds the open slot
+    assert ("PROCESSING", None, None) in markers
+    assert ("SUCCEEDED", None, 1) in markers
     counted, actual = status_totals(scratch)
     assert counted == {"PENDING": 1, "PAID": 2, "CANCELLED": 2} == actual
 
