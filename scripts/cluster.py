@@ -33,7 +33,7 @@ join it: by IST (replaying the writes they missed from a donor's write-set cache
 have data, by SST (a mariabackup copy streamed over socat) when they have none.
 
 Galera waits for a silent node before it evicts it, and every commit waits with it: the
-shortened `evs.*` timeouts below make that about 1 s instead of 5 s.
+shortened `evs.*` timeouts below make that under a second instead of 5 s.
 """
 
 from __future__ import annotations
@@ -78,17 +78,19 @@ STOP_TIMEOUT_S = 60
 SYNCED = 4  # wsrep_local_state
 
 # Eviction of a node that stopped answering, shortened from Galera's defaults (keepalive 1 s,
-# check 0.5 s, suspect 5 s, inactive 15 s, install 7.5 s). On loopback a round trip takes
-# microseconds, so the only way a live node stays silent for a second is not being scheduled
-# at all: keepalives every 0.2 s mean five in a row must go missing before a node is
-# suspected, and a node is dropped once every other node suspects it for 1 s. Ordering Galera
-# requires: keepalive <= inactive_check <= suspect <= inactive, install <= inactive.
+# check 0.5 s, suspect 5 s, inactive 15 s, install 7.5 s). While a dead node is not yet evicted
+# every commit in the cluster waits, and the app gives up on a reply after DB_READ_TIMEOUT
+# (1.2 s): eviction has to come well within that. On loopback a round trip takes microseconds,
+# and the group-communication thread runs at real-time priority (below), so a live node that
+# sends nothing for 0.7 s, seven keepalives in a row, is a node that is gone. Measured: writes
+# resume about 1 s after a SIGKILL. Ordering Galera requires: keepalive <= inactive_check <=
+# suspect <= inactive, install <= inactive.
 EVICTION = {
-    "evs.keepalive_period": "PT0.2S",
-    "evs.inactive_check_period": "PT0.2S",
-    "evs.suspect_timeout": "PT1S",
-    "evs.inactive_timeout": "PT2S",
-    "evs.install_timeout": "PT2S",
+    "evs.keepalive_period": "PT0.1S",
+    "evs.inactive_check_period": "PT0.1S",
+    "evs.suspect_timeout": "PT0.7S",
+    "evs.inactive_timeout": "PT1.5S",
+    "evs.install_timeout": "PT1.5S",
     "evs.join_retrans_period": "PT0.2S",
 }
 
@@ -598,6 +600,7 @@ def ensure_check() -> None:
 DEFAULT_SERVER = " ".join(
     [
         "check inter 500ms fastinter 200ms downinter 500ms fall 2 rise 3",
+        "observe layer4 error-limit 1 on-error mark-down",
         "on-marked-down shutdown-sessions",
     ]
 )
@@ -631,7 +634,8 @@ frontend mysql
 backend {BACKEND}
     log global  # server state changes (not every connection, as the frontend would)
     # Up only while the node is Synced (scripts/cluster_check.py), checked every 0.5 s: two
-    # failures (0.2 s apart) take a node out, three passes put it back.
+    # failures (0.2 s apart) take a node out, three passes put it back. A connection the node
+    # refuses takes it out at once (observe layer4), without waiting for the next check.
     option httpchk GET /
     http-check expect status 200
     default-server {DEFAULT_SERVER}
