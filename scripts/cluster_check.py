@@ -107,7 +107,7 @@ class CheckServer(ThreadingHTTPServer):
         super().__init__((HOST, check_port), CheckHandler)
         self.node_port = node_port
         self.password = password
-        self.last: bool | None = None
+        self.last: tuple[bool, str] | None = None
         self.lock = threading.Lock()
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -116,14 +116,14 @@ class CheckServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     def record(self, up: bool, why: str) -> None:
-        """Log each change of verdict (not every check: HAProxy asks twice a second)."""
+        """Log each change of verdict or reason (not every check: HAProxy asks twice a second)."""
         with self.lock:
-            if up != self.last:
+            if (up, why) != self.last:
                 stamp = (
                     time.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
                 )
                 print(f"{stamp} node :{self.node_port} {'up' if up else 'down'}: {why}", flush=True)
-                self.last = up
+                self.last = (up, why)
 
 
 class CheckHandler(BaseHTTPRequestHandler):
