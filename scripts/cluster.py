@@ -39,6 +39,7 @@ shortened `evs.*` timeouts below make that under a second instead of 5 s.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -49,6 +50,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -583,9 +586,21 @@ def start_detached(command: list[str], pid_file: Path, log_path: Path) -> None:
     pid_file.write_text(str(process.pid))
 
 
+def refuse_taken_port(port: int, what: str) -> None:
+    """Never start a second copy beside one this script lost track of: HAProxy binds with
+    SO_REUSEPORT, so two of them would share 3310, each with its own idea of the writer."""
+    if port_answers(HOST, port):
+        raise SystemExit(
+            f"{HOST}:{port} already answers, but not the {what} started from {CLUSTER}: "
+            "stop whatever listens there, then run `make cluster-up` again"
+        )
+
+
 def ensure_check() -> None:
     if pid_from(CHECK_PID, "scripts.cluster_check") is not None:
         return
+    for node in NODES:
+        refuse_taken_port(node.check_port, "health check")
     command = [sys.executable, "-m", "scripts.cluster_check", str(SECRETS)]
     command += [f"{node.check_port}:{node.port}" for node in NODES]
     start_detached(command, CHECK_PID, CHECK_LOG)
@@ -658,6 +673,7 @@ def ensure_haproxy() -> None:
         return
     if running is not None:
         stop_pid(running, "HAProxy (configuration changed)")
+    refuse_taken_port(PROXY_PORT, "HAProxy")
     HAPROXY_CFG.write_text(config)
     subprocess.run([binary, "-c", "-q", "-f", str(HAPROXY_CFG)], check=True)
     start_detached([binary, "-db", "-f", str(HAPROXY_CFG)], HAPROXY_PID, HAPROXY_LOG)
@@ -752,9 +768,21 @@ def failback() -> None:
 # --- the commands ----------------------------------------------------------------------------
 
 
+@contextmanager
+def exclusive() -> Iterator[None]:
+    """One `up`, `down` or `failback` at a time: two at once would both start what is down."""
+    CLUSTER.mkdir(parents=True, exist_ok=True)
+    with (CLUSTER / "cluster.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("waiting for another scripts.cluster command to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def up(config: Settings) -> None:
     ensure_packages()
-    CLUSTER.mkdir(parents=True, exist_ok=True)
     bring_up_nodes(config)
     install_schema(config.db_name)
     ensure_check()
@@ -812,14 +840,16 @@ def main() -> None:
     parser.add_argument("action", choices=["up", "down", "status", "failback"])
     action = parser.parse_args().action
     config = Settings()
-    if action == "up":
-        up(config)
-    elif action == "down":
-        down()
-    elif action == "status":
+    if action == "status":
         status(config)
-    else:
-        failback()
+        return
+    with exclusive():
+        if action == "up":
+            up(config)
+        elif action == "down":
+            down()
+        else:
+            failback()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import pytest
 from scripts import cluster
 from scripts.processes import PROJECT_ROOT, Running
 from settings import Settings
-from tests_cluster.conftest import fakepay_requests, report
+from tests_cluster.conftest import fakepay_requests, report, run_cluster
 from tests_cluster.load import Load, Reply
 
 WARM_UP_S = 4
@@ -246,13 +246,13 @@ def failure_line(reply: Reply, killed: float) -> str:
 def writer_back_on_node_1() -> Any:
     """Leave the layout as designed for the next test: node 1 the writer."""
     yield
-    cluster_failback_when_ready()
+    failback_when_ready()
 
 
-def cluster_failback_when_ready(timeout: float = 20) -> None:
+def failback_when_ready(timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not cluster.haproxy_servers().get(WRITER.name, "").startswith("UP"):
         if time.monotonic() > deadline:
             return
         time.sleep(0.2)
-    cluster.failback()
+    run_cluster("failback")
