@@ -5,10 +5,12 @@ SHELL := /bin/sh
 VENV := .venv
 BIN := $(VENV)/bin
 STACK := $(BIN)/python -m scripts.stack
+CLUSTER := $(BIN)/python -m scripts.cluster
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean api-key api-key-revoke api-keys migration migrations-check test-mysql8
+.PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean api-key api-key-revoke api-keys \
+	migration migrations-check test-mysql8 cluster-up cluster-down cluster-status test-cluster
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -114,5 +116,18 @@ ROWS ?= 200000
 bench: install db-up ## benchmark against a minimal baseline (ROWS=200000); see BENCHMARKS.md
 	$(BIN)/python -m bench.run --rows $(ROWS)
 
+cluster-up: install ## three Galera nodes (127.0.0.1:3311-3313) behind HAProxy on 127.0.0.1:3310; starts what is down
+	@$(CLUSTER) up
+
+cluster-down: install ## stop HAProxy, the health check and the three nodes (data kept in .data/cluster)
+	@$(CLUSTER) down
+
+cluster-status: install ## each node's state and the cluster size, HAProxy's view and the writer
+	@$(CLUSTER) status
+
+test-cluster: install cluster-up ## the cluster tests: formation, failover under load, rejoin by IST
+	$(BIN)/pytest tests_cluster
+
 clean: stop ## stop everything and delete .venv, .data and caches
+	-@[ -x $(BIN)/python ] && $(CLUSTER) down
 	rm -rf $(VENV) .data .tools node_modules artifacts .pytest_cache .mypy_cache .ruff_cache
