@@ -11,7 +11,10 @@ Stripe's semantics with the IETF httpapi draft's header. The lifecycle of one ke
    key and then fails with `IdempotencyKeyInUseError`, its own change rolled back.
 3. `IdempotencyMiddleware` (after the reply): the reply is stored in the row if the request
    changed something (`changed`: an invoice was created or a charge was sent); otherwise the
-   row is dropped and the key may be used again.
+   row is dropped and the key may be used again. A reply that asks the client to try again
+   (a 503, or any reply with Retry-After) is never stored as final: a create whose payment
+   could not start records its recovery point (`invoice_created`), and the retry with the
+   same key resumes there, paying the invoice it already created.
 
 A row is kept `IDEMPOTENCY_TTL_HOURS`, then purged. Fingerprints cover the method, the path and
 the validated body with the card number masked, so no hash of a card number is ever stored.
@@ -31,7 +34,7 @@ from fastapi import Depends, Header, Request
 from fastapi.responses import Response
 from loguru import logger
 from pydantic import BaseModel
-from sqlalchemy import delete, update
+from sqlalchemy import ColumnElement, delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -46,6 +49,7 @@ from settings import settings
 HEADER = "Idempotency-Key"
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
 STATE_KEY = "idempotency"
+INVOICE_CREATED = "invoice_created"  # the recovery point of a create whose payment must resume
 
 
 class IdempotencyError(ApiError):
@@ -107,6 +111,8 @@ class IdempotentRequest:
     fingerprint: str = ""
     reserved: bool = False  # this request wrote the key row
     changed: bool = False  # this request created an invoice or sent a charge
+    charge_sent: bool = False  # this request sent a charge to the provider
+    resumed_invoice_id: str | None = None  # a retry resuming after the invoice was created
     stale_after: timedelta = field(default=timedelta(minutes=5))
 
     async def replay(self, session: AsyncSession, body: BaseModel | None) -> Response | None:
@@ -128,6 +134,9 @@ class IdempotentRequest:
                 "use a new key for a new request",
                 kind="idempotency_key_reused",
             )
+        if record.recovery_point == INVOICE_CREATED:
+            await self.resume(record)
+            return None
         if record.response_status is None or record.response_body is None:
             started = record.created_at or now()
             if now() - started > self.stale_after:
@@ -138,6 +147,25 @@ class IdempotentRequest:
             status_code=record.response_status,
             media_type="application/json",
             headers={"Idempotent-Replayed": "true"},
+        )
+
+    async def resume(self, record: IdempotencyRecord) -> None:
+        """Take over a key whose request ended asking for a retry, after creating its invoice:
+        this request goes on from there. Two retries at once: one resumes, one waits."""
+        async with AsyncSession(engine) as session, session.begin():
+            taken = await session.exec(
+                update(IdempotencyRecord)
+                .where(self._this_key(), col(IdempotencyRecord.recovery_point) == INVOICE_CREATED)
+                .values(recovery_point=None, created_at=now())
+            )
+        if not taken.rowcount:
+            raise IdempotencyKeyInUseError()
+        self.reserved = self.changed = True
+        self.resumed_invoice_id = record.invoice_id
+
+    def _this_key(self) -> ColumnElement[bool]:
+        return (col(IdempotencyRecord.owner) == self.owner) & (
+            col(IdempotencyRecord.idempotency_key) == self.key
         )
 
     def reserve(self, session: AsyncSession, invoice_id: str) -> None:
@@ -166,20 +194,25 @@ class IdempotentRequest:
                 raise IdempotencyKeyInUseError() from None
             raise
 
-    async def finish(self, status_code: int, body: bytes) -> None:
-        """Store the reply under the key, or drop the key if the request changed nothing."""
-        where = (col(IdempotencyRecord.owner) == self.owner) & (
-            col(IdempotencyRecord.idempotency_key) == self.key
-        )
+    async def finish(self, status_code: int, body: bytes, asks_retry: bool) -> None:
+        """Store the reply under the key; drop the key if the request changed nothing. A reply
+        asking for a retry is not final: after creating an invoice (and sending no charge) the
+        key records where to resume; after a charge was sent it stays unfinished, naming its
+        invoice, for the retry to read."""
+        where = self._this_key()
         async with AsyncSession(engine) as session, session.begin():
-            if self.changed:
+            if not self.changed:
+                await session.exec(delete(IdempotencyRecord).where(where))
+            elif not asks_retry:
                 await session.exec(
                     update(IdempotencyRecord)
                     .where(where)
                     .values(response_status=status_code, response_body=body.decode())
                 )
-            else:
-                await session.exec(delete(IdempotencyRecord).where(where))
+            elif not self.charge_sent:
+                await session.exec(
+                    update(IdempotencyRecord).where(where).values(recovery_point=INVOICE_CREATED)
+                )
 
 
 async def idempotent_request(
@@ -247,7 +280,7 @@ class IdempotencyMiddleware:
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 start, *chunks = held
                 body = b"".join(chunk.get("body", b"") for chunk in chunks)
-                await store(idempotent, start["status"], body)
+                await store(idempotent, start["status"], body, asks_retry(start))
                 for pending in held:
                     await send(pending)
                 held.clear()
@@ -255,9 +288,15 @@ class IdempotencyMiddleware:
         await self.app(scope, receive, hold)
 
 
-async def store(idempotent: IdempotentRequest, status_code: int, body: bytes) -> None:
+def asks_retry(start: Message) -> bool:
+    """A reply that tells the client to try again: a 503, or any reply with Retry-After."""
+    headers = {name.lower() for name, _ in start.get("headers", [])}
+    return start["status"] == 503 or b"retry-after" in headers
+
+
+async def store(idempotent: IdempotentRequest, status_code: int, body: bytes, retry: bool) -> None:
     try:
-        await idempotent.finish(status_code, body)
+        await idempotent.finish(status_code, body, retry)
     except DATABASE_UNREACHABLE:
         # The key row stays unfinished: a retry gets a 409 naming the invoice to read.
         logger.error("the reply to Idempotency-Key {} could not be stored", idempotent.key)

@@ -384,7 +384,12 @@ async def create_pending_invoice(
 ) -> InvoicePublic:
     """Insert a PENDING invoice, count it, and reserve the request's Idempotency-Key, all in
     one transaction. The reply is made from what was sent: nothing the server wrote (such as
-    the creation time) needs reading back."""
+    the creation time) needs reading back. A retry with the Idempotency-Key of a create whose
+    payment could not start gets the invoice that create made, to pay."""
+    if idempotency.resumed_invoice_id is not None:
+        created = await get_invoice_or_404(session, uuid.UUID(idempotency.resumed_invoice_id))
+        await session.commit()  # end the read: the payment's claim begins its own transaction
+        return created
     customer = await session.get(Customer, request.customer_id)
     if customer is None:
         raise CustomerNotFoundError(request.customer_id)

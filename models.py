@@ -295,6 +295,8 @@ class IdempotencyRecord(SQLModel, table=True):
     idempotency_key: str = Field(primary_key=True, max_length=255, sa_type=ascii_column(255))
     fingerprint: str = Field(max_length=64, sa_type=CHAR(64))
     invoice_id: str = Field(max_length=36, sa_type=CHAR(36))
+    # The last step done when the request ended asking for a retry; NULL while it runs.
+    recovery_point: str | None = Field(default=None, max_length=16)
     response_status: int | None = Field(default=None, sa_type=SmallInteger)
     response_body: str | None = Field(default=None, sa_type=Text)
     created_at: datetime | None = Field(

@@ -754,6 +754,7 @@ async def pay_invoice(
         started = time.perf_counter()
         result = await charge_once(fakepay, invoice_id, card)
         elapsed_ms = (time.perf_counter() - started) * 1000
+    idempotency.charge_sent = result.sent
     idempotency.changed = idempotency.changed or result.sent
     logger.info(
         "payment outcome: invoice {} {} ({}) in {:.0f} ms",

@@ -13,6 +13,7 @@ from scripts.processes import Running, running_app, running_fakepay
 from scripts.schema import apply_script, create_database, upgrade_to_head
 from tests.stand_in import StandInProvider
 from tests.support import FAKEPAY_PORT, FakePayProcess, OverrideFakePay, UseProvider, settings
+from tests.tcp_proxy import TcpProxy
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -121,6 +122,15 @@ def stand_in(use_provider: UseProvider) -> Iterator[StandInProvider]:
     with StandInProvider() as provider:
         use_provider(provider.url)
         yield provider
+
+
+@pytest.fixture
+def database_proxy(database: None) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the test database, for an app that sees it go away."""
+    proxy = TcpProxy(settings.db_host, settings.db_port)
+    proxy.start()
+    yield proxy
+    proxy.cut()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -20,8 +21,9 @@ from sqlalchemy import create_engine, text
 from sqlmodel import Session, col, select
 
 import settings as app_settings
-from scripts.processes import Running, free_port
+from scripts.processes import Running, free_port, running_app
 from tests.stand_in import StandInProvider
+from tests.tcp_proxy import TcpProxy
 
 FAKEPAY_PORT = free_port()
 _configured = app_settings.Settings()
@@ -227,3 +229,56 @@ class FakePayProcess:
 # conftest's `use_provider(url, client_class=FakePayClient)` and `override_fakepay(dependency)`.
 UseProvider = Callable[..., None]
 OverrideFakePay = Callable[[Callable[[], Awaitable[Any]]], None]
+
+
+@dataclass
+class PayBehindProxy:
+    """A pay of a new invoice through an app whose database is behind `proxy`, its charge
+    held at the provider until `answer()`; its reply once it has ended."""
+
+    http: httpx.Client
+    provider: StandInProvider
+    invoice_id: str
+    gate: threading.Event
+    payer: threading.Thread
+    replies: list[httpx.Response]
+
+    def answer(self) -> None:
+        self.gate.set()
+
+    @property
+    def reply(self) -> httpx.Response:
+        self.payer.join()
+        (reply,) = self.replies
+        return reply
+
+
+@contextmanager
+def paying_behind(
+    proxy: TcpProxy,
+    log_path: Path,
+    answer: tuple[int, dict[str, Any]] = (200, PAID_REPLY),
+) -> Iterator[PayBehindProxy]:
+    """Start the app with its database behind `proxy`, create an invoice and pay it; yield
+    once the charge has reached the provider, which holds it until `answer()` is called (at
+    the latest when the block ends)."""
+    with StandInProvider() as provider:
+        gate = threading.Event()
+        provider.answer_next(*answer, gate=gate)
+        env = {"DB_URL": f"127.0.0.1:{proxy.port}/{settings.db_name}", "FAKEPAY_URL": provider.url}
+        with (
+            running_app(log_path, env=env) as server,
+            httpx.Client(base_url=server.url, timeout=60) as http,
+        ):
+            invoice_id = create_pending_invoice(http)
+            replies: list[httpx.Response] = []
+            pay = f"/invoice/pay/{invoice_id}"
+            payer = threading.Thread(target=lambda: replies.append(http.post(pay, json=WORK_CARD)))
+            payer.start()
+            held = PayBehindProxy(http, provider, invoice_id, gate, payer, replies)
+            try:
+                wait_until(lambda: provider.requests_for(invoice_id), "the pay to reach FakePay")
+                yield held
+            finally:
+                gate.set()
+                payer.join()

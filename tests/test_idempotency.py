@@ -26,6 +26,7 @@ from tests.support import (
     create_pending_invoice,
     direct_engine,
     invoices_described,
+    wait_until,
 )
 
 ANY_INVOICE = {"jobDescription": "Keyed", "amount": 1, "customerId": 1}
@@ -318,3 +319,40 @@ def test_a_first_request_that_never_finished_is_409_naming_its_invoice(
 
     assert response.status_code == 409
     assert f"GET /invoice/{SEEDED_PENDING}" in response.json()["detail"]
+
+
+def test_a_create_whose_payment_was_refused_busy_is_resumed_by_its_retry(
+    client: TestClient, use_provider: UseProvider
+) -> None:
+    """The first request created the invoice, then found the provider busy (503, Retry-After):
+    the retry with the same key pays that invoice; it neither replays the 503 nor creates a
+    second invoice."""
+    busy_id, key = create_pending_invoice(client), new_key()
+    body = {"jobDescription": "Resumed", "amount": 12, "customerId": 2, "card": J_DOE_CARD}
+    with StandInProvider() as provider:
+        use_provider(provider.url, fakepay_max_concurrency=1, fakepay_timeout=30)
+        gate = threading.Event()
+        provider.answer_next(200, PAID_REPLY, gate=gate)
+        holder = threading.Thread(
+            target=lambda: client.post(f"/invoice/pay/{busy_id}", json=J_DOE_CARD)
+        )
+        holder.start()
+        try:
+            wait_until(lambda: provider.requests_for(busy_id), "the first pay to take the slot")
+            refused = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
+        finally:
+            gate.set()
+            holder.join()
+        retried = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
+        replayed = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
+
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    created_id = refused.json()["detail"].split()[1]
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["id"] == created_id
+    assert retried.json()["invoiceStatus"] == "PAID"
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.json() == retried.json()
+    assert len(provider.requests_for(created_id)) == 1
+    assert invoices_described("Resumed") == 1

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from tests.support import (
     direct_engine,
     insert_attempt,
     make_attempts_stale,
-    settings,
+    paying_behind,
     wait_until,
 )
 from tests.tcp_proxy import TcpProxy
@@ -46,14 +45,6 @@ def history(client: TestClient | httpx.Client, invoice_id: str) -> list[dict[str
 
 def resolve_path(invoice_id: str, payment_id: object) -> str:
     return f"/invoice/{invoice_id}/payments/{payment_id}/resolve"
-
-
-@pytest.fixture
-def database_proxy(database: None) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(settings.db_host, settings.db_port)
-    proxy.start()
-    yield proxy
-    proxy.cut()
 
 
 # --- the schema refuses a second charge ---------------------------------------------------
@@ -83,36 +74,17 @@ def test_a_lost_commit_acknowledgement_still_answers_paid(
 ) -> None:
     """Settle's COMMIT reaches the server, its OK never reaches the app: the retry finds its
     own attempt SUCCEEDED, which is a success, not a charge to refund."""
-    gate = threading.Event()
-    replies: dict[str, httpx.Response] = {}
-    with StandInProvider() as provider:
-        provider.answer_next(200, PAID_REPLY, gate=gate)
-        env = {
-            "DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}",
-            "FAKEPAY_URL": provider.url,
-        }
-        with (
-            running_app(tmp_path / "app.log", env=env) as server,
-            httpx.Client(base_url=server.url, timeout=30) as http,
-        ):
-            invoice_id = create_pending_invoice(http)
-            payer = threading.Thread(
-                target=lambda: replies.update(
-                    paid=http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
-                )
-            )
-            payer.start()
-            wait_until(lambda: provider.requests_for(invoice_id), "the charge to arrive")
-            database_proxy.drop_reply_to(b"COMMIT")  # the next COMMIT is settle's
-            gate.set()
-            payer.join()
-            read = http.get(f"/invoice/{invoice_id}")
+    with paying_behind(database_proxy, tmp_path / "app.log") as pay:
+        database_proxy.drop_reply_to(b"COMMIT")  # the next COMMIT is settle's
+        pay.answer()
+        paid = pay.reply
+        read = pay.http.get(f"/invoice/{pay.invoice_id}")
 
-    assert replies["paid"].status_code == 201, replies["paid"].text
-    assert replies["paid"].json()["invoiceStatus"] == "PAID"
-    assert statuses(invoice_id) == ["SUCCEEDED"]
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["invoiceStatus"] == "PAID"
+    assert statuses(pay.invoice_id) == ["SUCCEEDED"]
     assert read.json()["invoiceStatus"] == "PAID"
-    assert len(provider.requests_for(invoice_id)) == 1
+    assert len(pay.provider.requests_for(pay.invoice_id)) == 1
 
 
 def test_an_outcome_is_recorded_however_long_the_database_is_away(
@@ -120,41 +92,22 @@ def test_an_outcome_is_recorded_however_long_the_database_is_away(
 ) -> None:
     """FakePay charges while the database stays away past the request's retries: the client
     hears the card was charged, and the process records it once the database is back."""
-    gate = threading.Event()
-    replies: dict[str, httpx.Response] = {}
-    with StandInProvider() as provider:
-        provider.answer_next(200, PAID_REPLY, gate=gate)
-        env = {
-            "DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}",
-            "FAKEPAY_URL": provider.url,
-        }
-        with (
-            running_app(tmp_path / "app.log", env=env) as server,
-            httpx.Client(base_url=server.url, timeout=60) as http,
-        ):
-            invoice_id = create_pending_invoice(http)
-            payer = threading.Thread(
-                target=lambda: replies.update(
-                    paid=http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
-                )
-            )
-            payer.start()
-            wait_until(lambda: provider.requests_for(invoice_id), "the charge to arrive")
-            database_proxy.cut()
-            gate.set()
-            payer.join()
-            assert statuses(invoice_id) == ["PROCESSING"]  # nothing recorded yet
-            database_proxy.start()
-            wait_until(lambda: statuses(invoice_id) == ["SUCCEEDED"], "the outcome", 40, 0.2)
-            again = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
-            read = http.get(f"/invoice/{invoice_id}")
+    with paying_behind(database_proxy, tmp_path / "app.log") as pay:
+        database_proxy.cut()
+        pay.answer()
+        charged = pay.reply
+        assert statuses(pay.invoice_id) == ["PROCESSING"]  # nothing recorded yet
+        database_proxy.start()
+        wait_until(lambda: statuses(pay.invoice_id) == ["SUCCEEDED"], "the outcome", 40, 0.2)
+        again = pay.http.post(f"/invoice/pay/{pay.invoice_id}", json=WORK_CARD)
+        read = pay.http.get(f"/invoice/{pay.invoice_id}")
 
-    assert replies["paid"].status_code == 503
-    assert "the card was charged" in replies["paid"].json()["detail"]
-    assert "Do not pay it again" in replies["paid"].json()["detail"]
+    assert charged.status_code == 503
+    assert "the card was charged" in charged.json()["detail"]
+    assert "Do not pay it again" in charged.json()["detail"]
     assert read.json()["invoiceStatus"] == "PAID"
     assert again.status_code == 409
-    assert len(provider.requests_for(invoice_id)) == 1
+    assert len(pay.provider.requests_for(pay.invoice_id)) == 1
     assert "not recorded yet" in (tmp_path / "app.log").read_text()
 
 

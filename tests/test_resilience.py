@@ -22,6 +22,7 @@ from tests.support import (
     create_pending_invoice,
     direct_engine,
     insert_attempt,
+    paying_behind,
     settings,
     wait_until,
 )
@@ -193,14 +194,6 @@ def test_timeout_answers_within_the_timeout_plus_one_second(app_with_hanging_pro
 
 
 @pytest.fixture
-def database_proxy(database: None) -> Iterator[TcpProxy]:
-    proxy = TcpProxy(settings.db_host, settings.db_port)
-    proxy.start()
-    yield proxy
-    proxy.cut()
-
-
-@pytest.fixture
 def app_behind_proxy(
     database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
 ) -> Iterator[str]:
@@ -312,39 +305,20 @@ def test_a_decline_is_recorded_through_a_short_database_outage(
 ) -> None:
     """The provider declines while the database is away: the decline is recorded once it is
     back, so the attempt does not stay PROCESSING and the client learns the reason."""
-    results: dict[str, httpx.Response] = {}
-    with StandInProvider() as provider:
-        gate = threading.Event()
-        provider.answer_next(400, {"error": "payment failed", "reason": "Lost card"}, gate=gate)
-        env = {
-            "DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}",
-            "FAKEPAY_URL": provider.url,
-        }
-        with (
-            running_app(tmp_path / "app.log", env=env) as server,
-            httpx.Client(base_url=server.url, timeout=30) as http,
-        ):
-            invoice_id = create_pending_invoice(http)
-            payer = threading.Thread(
-                target=lambda: results.update(
-                    declined=http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)
-                )
-            )
-            payer.start()
-            wait_until(lambda: provider.requests_for(invoice_id), "the pay to reach FakePay")
-            database_proxy.cut()
-            gate.set()
-            wait_until(lambda: provider.answered, "FakePay to decline")
-            time.sleep(0.5)  # recording the decline fails meanwhile
-            database_proxy.start()
-            payer.join()
+    declined = (400, {"error": "payment failed", "reason": "Lost card"})
+    with paying_behind(database_proxy, tmp_path / "app.log", answer=declined) as pay:
+        database_proxy.cut()
+        pay.answer()
+        wait_until(lambda: pay.provider.answered, "FakePay to decline")
+        time.sleep(0.5)  # recording the decline fails meanwhile
+        database_proxy.start()
+        reply = pay.reply
 
-    assert results["declined"].status_code == 402
-    data = results["declined"].json()
-    assert data["detail"] == (
-        f"Payment for invoice {invoice_id} was declined by FakePay: Lost card"
+    assert reply.status_code == 402
+    assert reply.json()["detail"] == (
+        f"Payment for invoice {pay.invoice_id} was declined by FakePay: Lost card"
     )
-    assert attempts(invoice_id) == [("DECLINED", "Lost card")]
+    assert attempts(pay.invoice_id) == [("DECLINED", "Lost card")]
 
 
 def test_a_database_outage_after_the_charge_names_the_invoice_and_the_charge(
