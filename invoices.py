@@ -424,7 +424,12 @@ def to_utc(value: object) -> object:
         raise ValueError(
             "must be an ISO 8601 date or date-time, such as 2025-03-17 or 2025-03-17T09:00:00Z"
         ) from None
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+    if moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first UTC moment there is
+        raise ValueError("must fall between 0001-01-01 and 9999-12-31 in UTC") from None
 
 
 UtcDateTime = Annotated[datetime, BeforeValidator(to_utc)]

@@ -168,3 +168,19 @@ def test_payment_history_of_an_unknown_invoice_is_404(client: TestClient) -> Non
 
     assert response.status_code == 404
     assert response.json() == {"detail": f"Invoice {UNKNOWN_ID} not found"}
+
+
+@pytest.mark.parametrize("path", ["/invoices", "/invoices/scroll"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("createdFrom", "0001-01-01T00:00:00+01:00"), ("createdTo", "9999-12-31T23:00:00-05:00")],
+)
+def test_a_date_that_leaves_the_calendar_in_utc_is_422_naming_it(
+    client: TestClient, path: str, name: str, value: str
+) -> None:
+    response = client.get(path, params={name: value})
+
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", name]
+    assert "between 0001-01-01 and 9999-12-31" in error["msg"]
