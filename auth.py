@@ -29,6 +29,7 @@ from settings import settings
 
 SECRET_PREFIX = "inv_"  # noqa: S105  (a marker for humans and secret scanners, not a secret)
 RELOAD_EVERY_S = 2.0  # well inside the 5 s a revocation may take
+STALEST_S = 4.0  # no request decides on an older table: it waits for a reload instead
 UNKNOWN_RELOAD_S = 0.5
 LAST_USED_EVERY_S = 60.0
 READ_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -76,11 +77,17 @@ class KeyTable:
         self.loaded_at = time.monotonic()
 
     async def fresh(self) -> None:
-        """Load the keys on first use; after that, reload them in the background once they
-        are `RELOAD_EVERY_S` old, while requests go on with the table they have."""
-        if self.loaded_at is None:
-            await self.reload()
-        elif time.monotonic() - self.loaded_at > RELOAD_EVERY_S and not self.reloading:
+        """Reload the keys in the background once they are `RELOAD_EVERY_S` old, while
+        requests go on with the table they have; a table older than `STALEST_S` (on first use,
+        or after an idle spell) is reloaded before any request decides on it, so a revoked key
+        stops working within 5 s, busy or idle."""
+        age = None if self.loaded_at is None else time.monotonic() - self.loaded_at
+        if age is None or age > STALEST_S:
+            self.lock = self.lock or asyncio.Lock()
+            async with self.lock:
+                if self.loaded_at is None or time.monotonic() - self.loaded_at > STALEST_S:
+                    await self.reload()
+        elif age > RELOAD_EVERY_S and not self.reloading:
             self.reloading = True
             run_in_background(self.reload_quietly())
 

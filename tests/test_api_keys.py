@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,8 @@ from tests.support import (
     direct_engine,
     settings,
 )
+
+NEW_INVOICE = {"jobDescription": "Written with a key", "amount": 1, "customerId": 1}
 
 
 def make_key(scope: str) -> tuple[str, str]:
@@ -151,6 +154,27 @@ def test_a_revoked_key_stops_working_within_5_seconds(client: TestClient, auth_o
         time.sleep(0.2)
 
     assert client.get("/invoices", headers=bearer(secret)).status_code == 401
+
+
+def test_a_revoked_key_is_refused_after_an_idle_spell_even_in_a_burst(
+    client: TestClient, auth_on: None
+) -> None:
+    """Nobody asks for 6 s, longer than the reload interval, so no reload was started; then
+    a burst of writes with the revoked key: none of them may go through on the old table."""
+    name, secret = make_key("write")
+    assert client.get("/invoices", headers=bearer(secret)).status_code == 200
+    revoke_key(name)
+    time.sleep(6)
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        replies = list(
+            pool.map(
+                lambda _: client.post("/invoice", json=NEW_INVOICE, headers=bearer(secret)),
+                range(10),
+            )
+        )
+
+    assert [reply.status_code for reply in replies] == [401] * 10
 
 
 def test_a_key_made_while_running_works_within_5_seconds(client: TestClient, auth_on: None) -> None:
