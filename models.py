@@ -58,11 +58,6 @@ class PaymentStatus(StrEnum):
     ABANDONED = "ABANDONED"  # older versions' stalled attempt; no longer written
     REFUND_DUE = "REFUND_DUE"  # charged after a later attempt replaced it: refund it
 
-    @property
-    def unsettled(self) -> bool:
-        """The outcome is still open: the attempt holds its invoice's one open slot."""
-        return self in {PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN}
-
 
 class ApiKeyScope(StrEnum):
     READ = "read"  # GET endpoints only
