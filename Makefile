@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: help install run stop test lint format db-up db-down db-reset fakepay-up fakepay-down seed serve bench postman e2e clean api-key api-key-revoke api-keys \
-	migration migrations-check test-mysql8 cluster-up cluster-down cluster-status test-cluster
+	migration migrations-check test-mysql8 cluster-up cluster-down cluster-status test-cluster bench-cluster
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -125,8 +125,12 @@ cluster-down: install ## stop HAProxy, the health check and the three nodes (dat
 cluster-status: install ## each node's state and the cluster size, HAProxy's view and the writer
 	@$(CLUSTER) status
 
-test-cluster: install cluster-up ## the cluster tests: formation, failover under load, rejoin by IST
+test-cluster: install cluster-up ## the cluster tests: formation, failover, rejoin, several writers
 	$(BIN)/pytest tests_cluster
+
+CLUSTER_ROWS ?= 20000
+bench-cluster: install db-up cluster-up ## the app on the cluster beside the single server (CLUSTER_ROWS=20000)
+	$(BIN)/python -m bench.cluster --rows $(CLUSTER_ROWS)
 
 clean: stop ## stop everything and delete .venv, .data and caches
 	-@[ -x $(BIN)/python ] && $(CLUSTER) down

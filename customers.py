@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from db import is_duplicate_key
+from db import is_duplicate_key, retry_conflicts
 from errors import ApiError
 from models import Customer, CustomerCreate, CustomerPublic
 
@@ -31,14 +31,23 @@ class EmailTakenError(ApiError):
 async def create_customer(session: AsyncSession, request: CustomerCreate) -> CustomerPublic:
     """Insert a customer; an email already taken, in any letter case, is a 409 (the unique
     index on its lower-cased form decides, so two concurrent creates cannot both win)."""
-    customer = Customer(customer_name=request.customer_name, customer_email=request.customer_email)
-    session.add(customer)
-    try:
-        await session.commit()
-    except IntegrityError as error:
-        if not is_duplicate_key(error):
-            raise
-        raise EmailTakenError(request.customer_email) from None
+
+    async def insert() -> Customer:
+        customer = Customer(
+            customer_name=request.customer_name, customer_email=request.customer_email
+        )
+        session.add(customer)
+        try:
+            await session.commit()
+        except IntegrityError as error:
+            if not is_duplicate_key(error):
+                raise
+            raise EmailTakenError(request.customer_email) from None
+        return customer
+
+    # On a cluster, the same email inserted on another node at the same moment fails
+    # certification (a lost race), not the unique index; the next try meets the index.
+    customer = await retry_conflicts(session, insert)
     logger.info("customer {} created", customer.customer_id)
     assert customer.customer_id is not None  # the insert's generated id
     return CustomerPublic(

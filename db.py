@@ -1,7 +1,7 @@
 """Database access: one async engine per process, one session per request."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import aiomysql
@@ -113,6 +113,27 @@ class DatabaseRefusedError(sa_exc.DatabaseError):
 # is not ready for queries.
 SERVER_OUTAGE_CODES = frozenset({1040, 1053, 1927, 4031, 1047})
 CONFLICT_CODES = frozenset({1205, 1213})  # lock wait timeout; deadlock or certification failure
+
+
+# How many times a transaction that lost to a concurrent one is run again before the request
+# is answered as the lost race it is (409). On one server a loss is rare (a deadlock); on a
+# cluster with several writers two commits touching one row on different nodes fail each
+# other's certification, and the same transaction run again usually goes through.
+CONFLICT_TRIES = 3
+
+
+async def retry_conflicts(session: AsyncSession, transaction: Callable[[], Awaitable[T]]) -> T:
+    """Run `transaction` (a whole transaction on `session`, ended by its commit) and, if it
+    loses to a concurrent one, roll back and run it again from the start, `CONFLICT_TRIES`
+    times in all. The last loss propagates (`TransactionConflictError`: a 409)."""
+    for tries_left in reversed(range(CONFLICT_TRIES)):
+        try:
+            return await transaction()
+        except TransactionConflictError:
+            await session.rollback()
+            if not tries_left:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def classify_server_error(context: ExceptionContext) -> BaseException | None:

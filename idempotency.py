@@ -41,7 +41,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_docs import invalid
-from db import DATABASE_UNREACHABLE, engine, is_duplicate_key
+from db import DATABASE_UNREACHABLE, TransactionConflictError, engine, is_duplicate_key
 from errors import ApiError
 from models import Card, IdempotencyRecord, InvoiceCreate
 from settings import settings
@@ -303,15 +303,25 @@ async def store(idempotent: IdempotentRequest, status_code: int, body: bytes, re
 
 
 async def purge_expired_keys(session: AsyncSession, batch: int = 1000) -> int:
-    """Delete keys past their TTL, a batch at a time; how many went."""
+    """Delete keys past their TTL, a batch at a time; how many went.
+
+    Every process purges. A batch that loses a race (on a cluster: another node's purge
+    deleted the same rows, and certification keeps one of the two) is rolled back, and this
+    purge stops there: the other one is removing the same rows, and whatever is left goes
+    at the next round."""
     removed = 0
     while True:
-        result = await session.exec(
-            delete(IdempotencyRecord)
-            .where(col(IdempotencyRecord.expires_at) <= now())
-            .with_dialect_options(mysql_limit=batch)
-        )
-        await session.commit()
+        try:
+            result = await session.exec(
+                delete(IdempotencyRecord)
+                .where(col(IdempotencyRecord.expires_at) <= now())
+                .with_dialect_options(mysql_limit=batch)
+            )
+            await session.commit()
+        except TransactionConflictError:
+            await session.rollback()
+            logger.info("another purge of expired idempotency keys is at work; leaving it")
+            return removed
         removed += result.rowcount
         if result.rowcount < batch:
             return removed
@@ -325,6 +335,6 @@ async def purge_expired_keys_forever(every_s: float = 600) -> None:
                 removed = await purge_expired_keys(session)
             if removed:
                 logger.info("purged {} expired idempotency keys", removed)
-        except DATABASE_UNREACHABLE:
+        except (*DATABASE_UNREACHABLE, TransactionConflictError):
             logger.warning("purging expired idempotency keys failed; will try again")
         await asyncio.sleep(every_s)

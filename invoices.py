@@ -35,7 +35,7 @@ from sqlmodel.sql.expression import Select, SelectOfScalar
 
 from api_docs import invalid
 from customers import CustomerNotFoundError
-from db import execute_core
+from db import execute_core, retry_conflicts
 from errors import ApiError
 from idempotency import IdempotentRequest
 from models import (
@@ -390,16 +390,24 @@ async def create_pending_invoice(
         created = await get_invoice_or_404(session, uuid.UUID(idempotency.resumed_invoice_id))
         await session.commit()  # end the read: the payment's claim begins its own transaction
         return created
-    customer = await session.get(Customer, request.customer_id)
-    if customer is None:
-        raise CustomerNotFoundError(request.customer_id)
-    invoice_id = str(uuid7())
     values = request.model_dump(include={"job_description", "amount", "customer_id"})
-    await execute_core(session, CREATE_INVOICE, {"id": invoice_id, **values})
-    await execute_core(session, COUNT_CREATED, {})
-    idempotency.reserve(session, invoice_id)
-    with idempotency.twin_refused():
-        await session.commit()
+
+    async def insert_and_count() -> tuple[str, Customer]:
+        customer = await session.get(Customer, request.customer_id)
+        if customer is None:
+            raise CustomerNotFoundError(request.customer_id)
+        invoice_id = str(uuid7())
+        await execute_core(session, CREATE_INVOICE, {"id": invoice_id, **values})
+        await execute_core(session, COUNT_CREATED, {})
+        idempotency.reserve(session, invoice_id)
+        with idempotency.twin_refused():
+            await session.commit()
+        return invoice_id, customer
+
+    # A lost race here (on a cluster: a counts shard or the key row written on another node
+    # at the same moment) changed nothing; run again, a twin's committed key row is then a
+    # duplicate key, answered as the key in use.
+    invoice_id, customer = await retry_conflicts(session, insert_and_count)
     idempotency.reserved = idempotency.changed = True
     logger.info(
         "invoice {} created for customer {}: {}", invoice_id, request.customer_id, request.amount
@@ -472,23 +480,28 @@ async def cancel_invoice(
     The reply is read inside the same transaction: once the cancel is committed, nothing is
     left that could fail and leave its client unsure."""
     key = str(invoice_id)
-    cancelled_now = False
-    with idempotency.twin_refused():
-        async with session.begin():
-            status = await lock_invoice(session, key)
-            if status is None:
-                raise InvoiceNotFoundError(key)
-            if status == InvoiceStatus.PAID:
-                raise InvoiceConflictError(
-                    f"Invoice {key} is PAID; a paid invoice cannot be cancelled"
-                )
-            if status == InvoiceStatus.PENDING:
-                await refuse_if_payment_unsettled(session, key)
-                await execute_core(session, CANCEL_INVOICE, {"invoice_id": key})
-                await count_status_change(session, status, InvoiceStatus.CANCELLED)
-                idempotency.reserve(session, key)
-                cancelled_now = True
-            cancelled = await get_invoice_or_404(session, invoice_id)
+
+    async def cancel_once() -> tuple[InvoicePublic, bool]:
+        with idempotency.twin_refused():
+            async with session.begin():
+                status = await lock_invoice(session, key)
+                if status is None:
+                    raise InvoiceNotFoundError(key)
+                if status == InvoiceStatus.PAID:
+                    raise InvoiceConflictError(
+                        f"Invoice {key} is PAID; a paid invoice cannot be cancelled"
+                    )
+                cancelled_now = status == InvoiceStatus.PENDING
+                if cancelled_now:
+                    await refuse_if_payment_unsettled(session, key)
+                    await execute_core(session, CANCEL_INVOICE, {"invoice_id": key})
+                    await count_status_change(session, status, InvoiceStatus.CANCELLED)
+                    idempotency.reserve(session, key)
+                return await get_invoice_or_404(session, invoice_id), cancelled_now
+
+    # A lost race (on a cluster: a pay's claim or a counts shard certified first on another
+    # node) changed nothing: the next try reads the invoice afresh and decides again.
+    cancelled, cancelled_now = await retry_conflicts(session, cancel_once)
     if cancelled_now:
         idempotency.reserved = idempotency.changed = True
         logger.info("invoice {} cancelled", key)

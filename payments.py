@@ -48,7 +48,13 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
-from db import DATABASE_UNREACHABLE, TransactionConflictError, duplicate_key_name, execute_core
+from db import (
+    CONFLICT_TRIES,
+    DATABASE_UNREACHABLE,
+    TransactionConflictError,
+    duplicate_key_name,
+    execute_core,
+)
 from errors import ApiError, LostRaceError
 from idempotency import IdempotentRequest
 from invoices import (
@@ -411,9 +417,6 @@ def open_attempt(stale_after_s: int) -> Select[int | None, str, bool]:
     ).where(col(Payment.invoice_id) == bindparam("invoice_id"), HOLDS_OPEN_SLOT)
 
 
-CONFLICT_TRIES = 3  # a claim that loses this many races in a row is answered as lost
-
-
 async def claim(
     session: AsyncSession,
     fakepay: FakePayClient,
@@ -653,18 +656,34 @@ def sweep_stalled(stale_after_s: int) -> Update:
     )
 
 
+async def sweep_stalled_once(engine: AsyncEngine, stale_after_s: int) -> int:
+    """One sweep, in one transaction; how many attempts it marked. A sweep that loses a race
+    (on a cluster: another node's sweep marked the same rows first, and certification keeps
+    one of the two) is run again, and then finds those rows UNKNOWN already."""
+    statement = sweep_stalled(stale_after_s)
+    for tries_left in reversed(range(CONFLICT_TRIES)):
+        try:
+            async with engine.begin() as connection:
+                swept = await connection.execute(statement)
+        except TransactionConflictError:
+            if not tries_left:
+                raise
+            continue
+        return swept.rowcount
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def sweep_stalled_forever(
     engine: AsyncEngine, stale_after_s: int, every_s: float = 30
 ) -> None:
     """The lifespan's background task. Several processes sweeping at once are harmless: the
-    statement only moves PROCESSING rows past the margin to UNKNOWN."""
-    statement = sweep_stalled(stale_after_s)
+    statement only moves PROCESSING rows past the margin to UNKNOWN, so each row is marked
+    by one sweep."""
     while True:
         try:
-            async with engine.begin() as connection:
-                swept = await connection.execute(statement)
-            if swept.rowcount:
-                logger.error("{} stalled payment attempts are now UNKNOWN", swept.rowcount)
+            swept = await sweep_stalled_once(engine, stale_after_s)
+            if swept:
+                logger.error("{} stalled payment attempts are now UNKNOWN", swept)
         except (*DATABASE_UNREACHABLE, TransactionConflictError):
             logger.warning("sweeping stalled payment attempts failed; will try again")
         await asyncio.sleep(every_s)

@@ -142,22 +142,27 @@ def post_script(path: str, body: dict[str, Any]) -> str:
     )
 
 
+Script = Path | Callable[[], Path]
+
+
 def measure(
     wrk: Wrk,
     targets: dict[str, str],
     endpoint: str,
-    script: Path | Callable[[], Path],
+    script: Script | dict[str, Script],
     connections: int,
     rounds: int,
 ) -> list[Measurement]:
     """Median of `rounds` runs per target, alternating which target goes first. A `script`
-    that is a function makes a fresh script for every run (pays need unused invoices)."""
+    that is a function makes a fresh script for every run (pays need unused invoices); a dict
+    gives each target its own (targets with databases of their own)."""
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     names = list(targets)
     for round_number in range(rounds):
         order = names if round_number % 2 == 0 else names[::-1]
         for name in order:
-            run_script = script() if callable(script) else script
+            chosen = script[name] if isinstance(script, dict) else script
+            run_script = chosen() if callable(chosen) else chosen
             samples[name].append(wrk.run(targets[name], run_script, connections))
     results: list[Measurement] = []
     for name, runs in samples.items():

@@ -98,7 +98,7 @@ def count_new_invoices(cursor: Any, statuses: Mapping[str, int]) -> None:
     the inserting transaction, as the app does for each invoice it creates."""
     cursor.executemany(
         "UPDATE invoice_status_count SET invoice_count = invoice_count + %s "
-        "WHERE invoice_status = %s AND shard = CONNECTION_ID() % 16",
+        "WHERE invoice_status = %s AND shard = CONNECTION_ID() %% 16",
         [(count, status) for status, count in statuses.items()],
     )
 

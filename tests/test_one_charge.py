@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,7 @@ from tests.support import (
     create_pending_invoice,
     direct_engine,
     insert_attempt,
+    invoices_described,
     make_attempts_stale,
     paying_behind,
     wait_until,
@@ -300,3 +302,37 @@ def test_a_pay_that_waits_too_long_for_the_invoice_lock_is_a_409(
     assert "Retry-After" not in response.headers
     assert stand_in.requests_for(invoice_id) == []
     assert elapsed < 10
+
+
+@contextlib.contextmanager
+def counts_locked_for(seconds: float) -> Iterator[None]:
+    """Every row of the per-status counts locked by another transaction for `seconds` (longer
+    than one lock wait, shorter than two): the first try of a change that counts loses."""
+    with direct_engine.connect() as holder:
+        holder.execute(text("SELECT * FROM invoice_status_count FOR UPDATE"))
+        release = threading.Timer(seconds, holder.rollback)
+        release.start()
+        try:
+            yield
+        finally:
+            release.join()
+
+
+def test_a_create_that_loses_one_race_is_run_again_and_succeeds(client: TestClient) -> None:
+    job = f"retried create {time.monotonic_ns()}"
+    with counts_locked_for(1.5):
+        response = client.post(
+            "/invoice", json={"jobDescription": job, "amount": 5, "customerId": 1}
+        )
+
+    assert response.status_code == 201, response.text
+    assert invoices_described(job) == 1
+
+
+def test_a_cancel_that_loses_one_race_is_run_again_and_succeeds(client: TestClient) -> None:
+    invoice_id = create_pending_invoice(client)
+    with counts_locked_for(1.5):
+        response = client.post(f"/invoice/cancel/{invoice_id}")
+
+    assert response.status_code == 200, response.text
+    assert response.json()["invoiceStatus"] == "CANCELLED"

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pymysql
 import pytest
 
 from scripts import cluster
@@ -73,6 +74,26 @@ def app(database: str, fakepay: Running, tmp_path: Path) -> Iterator[Running]:
     }
     with running_app(tmp_path / "app.log", env=env) as server:
         yield server
+
+
+def node_rows(database: str, port: int, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """`query` on one node, directly, once that node has applied every commit the cluster
+    had made when the query arrived (`wsrep_sync_wait`): what the cluster as a whole holds."""
+    config = Settings()
+    with (
+        pymysql.connect(
+            host=cluster.HOST,
+            port=port,
+            user=config.db_user,
+            password=config.db_password.get_secret_value(),
+            database=database,
+            autocommit=True,
+        ) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("SET SESSION wsrep_sync_wait = 1")
+        cursor.execute(query, args or None)
+        return list(cursor.fetchall())
 
 
 def fakepay_requests(fakepay: Running) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""A bounded mixed load on the app (reads, lists, creates, pays), every reply kept with its
-timing, for the failover test to judge afterwards."""
+"""A bounded mixed load on the app (reads, lists, creates, pays, and cancels if asked), every
+reply kept with its timing, for the test to judge afterwards."""
 
 import asyncio
 import random
@@ -12,6 +12,8 @@ CARD = {"number": "4242 4242 4242 4242", "expiry": "12-2040", "name": "Fail Over
 SEEDED_IDS = ["6f53c715-0369-11f0-8d97-7c646cb7c0bc", "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"]
 # How often each kind of request is sent.
 MIX = {"read": 30, "list": 20, "create": 20, "create_paid": 15, "pay": 15}
+# Paying and cancelling both take a PENDING invoice this load created.
+NEEDS_PENDING = {"pay", "cancel"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Load:
     tag: str  # in every invoice's jobDescription, to find this run's invoices
     workers: int = 6
     max_requests: int = 20_000
+    mix: dict[str, int] = field(default_factory=lambda: dict(MIX))
     replies: list[Reply] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)  # created PENDING, not yet paid by the load
     created: list[str] = field(default_factory=list)
@@ -48,10 +51,10 @@ class Load:
 
     async def worker(self, http: httpx.AsyncClient, seed: int) -> None:
         pick = random.Random(seed)
-        operations, weights = list(MIX), list(MIX.values())
+        operations, weights = list(self.mix), list(self.mix.values())
         while not self.stop.is_set() and len(self.replies) < self.max_requests:
             operation = pick.choices(operations, weights)[0]
-            if operation == "pay" and not self.pending:
+            if operation in NEEDS_PENDING and not self.pending:
                 operation = "create"
             await self.send(http, operation, pick)
 
@@ -69,6 +72,9 @@ class Load:
                 response = await http.post("/invoice", json=body)
             elif operation == "create_paid":
                 response = await http.post("/invoice", json={**body, "card": CARD})
+            elif operation == "cancel":
+                invoice_id = self.pending.pop(pick.randrange(len(self.pending)))
+                response = await http.post(f"/invoice/cancel/{invoice_id}")
             else:
                 invoice_id = self.pending.pop(pick.randrange(len(self.pending)))
                 response = await http.post(f"/invoice/pay/{invoice_id}", json=CARD)
