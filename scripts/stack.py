@@ -362,6 +362,8 @@ def least_privilege(config: Settings) -> None:
                     f"CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY %s", (password,)
                 )
                 cursor.execute(f"GRANT {privileges} ON `{databases}`.* TO '{user}'@'{host}'")
+        for host in ("localhost", "127.0.0.1"):  # the tests watch lock waits (INNODB_TRX)
+            cursor.execute(f"GRANT PROCESS ON *.* TO '{SCHEMA_OWNER[0]}'@'{host}'")
     owner, app = SCHEMA_OWNER, APP_USER
     print(f"DB_USER={app[0]}\nDB_PASSWORD={app[1]}")
     print(f"DB_SCHEMA_USER={owner[0]}\nDB_SCHEMA_PASSWORD={owner[1]}")
