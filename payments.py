@@ -54,8 +54,9 @@ from db import (
     TransactionConflictError,
     duplicate_key_name,
     execute_core,
+    retry_conflicts,
 )
-from errors import ApiError, LostRaceError
+from errors import ApiError
 from idempotency import IdempotentRequest
 from invoices import (
     THIS_INVOICE,
@@ -427,19 +428,16 @@ async def claim(
     """Record a PROCESSING attempt for a PENDING invoice with no attempt open, and reserve the
     request's Idempotency-Key with it. A conflict with a concurrent transaction (nothing was
     sent yet) is tried again, then answered as the lost race it is."""
-    for tries_left in reversed(range(CONFLICT_TRIES)):
-        try:
-            with idempotency.twin_refused(), open_slot_taken(invoice_id):
-                claimed = await record_attempt(session, fakepay, invoice_id, masked, idempotency)
-        except TransactionConflictError:
-            if not tries_left:
-                raise LostRaceError() from None
-            continue
-        except DATABASE_UNREACHABLE:
-            raise PaymentNotStartedError(invoice_id) from None
-        idempotency.reserved = True
-        return claimed
-    raise AssertionError("unreachable")  # pragma: no cover
+    try:
+        with idempotency.twin_refused(), open_slot_taken(invoice_id):
+            claimed = await retry_conflicts(
+                session,
+                lambda: record_attempt(session, fakepay, invoice_id, masked, idempotency),
+            )
+    except DATABASE_UNREACHABLE:
+        raise PaymentNotStartedError(invoice_id) from None
+    idempotency.reserved = True
+    return claimed
 
 
 @contextmanager
