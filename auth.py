@@ -12,11 +12,12 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
 from sqlalchemy import update
@@ -24,7 +25,7 @@ from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from db import DATABASE_UNREACHABLE, engine
-from models import ApiKey, ApiKeyScope
+from models import ApiKey, ApiKeyScope, ErrorDetail
 from settings import settings
 
 SECRET_PREFIX = "inv_"  # noqa: S105  (a marker for humans and secret scanners, not a secret)
@@ -162,12 +163,27 @@ def unauthorized(detail: str) -> HTTPException:
     )
 
 
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def public(endpoint: Endpoint) -> Endpoint:
+    """Marks a route that needs no API key. The app applies `authorize` to every route, so a
+    route is open only by this explicit mark (the docs and OpenAPI are not routes of ours)."""
+    endpoint.public = True  # type: ignore[attr-defined]
+    return endpoint
+
+
+def is_public(route: object) -> bool:
+    return bool(getattr(getattr(route, "endpoint", None), "public", False))
+
+
 async def authorize(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> KnownKey | None:
-    """With AUTH=on: a known, unrevoked key; `read` keys for GET only. Off: nobody is asked."""
-    if settings.auth == "off":
+    """With AUTH=on: a known, unrevoked key; `read` keys for GET only; routes marked `public`
+    need none. Off: nobody is asked."""
+    if settings.auth == "off" or is_public(request.scope.get("route")):
         return None
     if credentials is None:
         raise unauthorized("An API key is needed: send Authorization: Bearer <secret>")
@@ -203,3 +219,48 @@ async def authorize_admin(
 
 
 AdminDep = Annotated[str, Depends(authorize_admin)]
+
+
+DOCUMENTATION_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")  # FastAPIOffline's
+
+
+def open_documentation(app: FastAPI) -> None:
+    """Swagger UI and ReDoc are pages anyone may read: mark their routes public."""
+    pages = [route for route in app.routes if getattr(route, "path", None) in DOCUMENTATION_PAGES]
+    assert len(pages) == len(DOCUMENTATION_PAGES), "the documentation pages moved"
+    for route in pages:
+        public(getattr(route, "endpoint"))  # noqa: B009  (routes are typed as BaseRoute)
+
+
+def document_security(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the app does: every operation but the public ones
+    needs the bearer key and may answer 401 (no key, or one unknown or revoked) and 403 (a
+    key whose scope is too low)."""
+    generate = app.openapi
+    refused = {
+        "401": {"model": ErrorDetail, "description": "No API key, or an unknown or revoked one"},
+        "403": {"model": ErrorDetail, "description": "The API key's scope does not allow this"},
+    }
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        detail = {"$ref": "#/components/schemas/ErrorDetail"}
+        for route in app.routes:
+            if not isinstance(route, APIRoute) or not route.include_in_schema:
+                continue
+            for method in route.methods or ():
+                operation = schema["paths"][route.path_format][method.lower()]
+                if is_public(route):
+                    operation.pop("security", None)
+                    continue
+                for code, answer in refused.items():
+                    operation["responses"].setdefault(
+                        code,
+                        {
+                            "description": answer["description"],
+                            "content": {"application/json": {"schema": detail}},
+                        },
+                    )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

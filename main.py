@@ -28,7 +28,7 @@ from api_docs import (
     PAY_ID_EXAMPLES,
     READ_EXAMPLES,
 )
-from auth import AdminDep, Authorized
+from auth import AdminDep, Authorized, document_security, open_documentation, public
 from customers import (
     CustomerNotFoundError,
     EmailTakenError,
@@ -129,11 +129,14 @@ app = FastAPIOffline(
     description=api_docs.DESCRIPTION,
     openapi_tags=api_docs.TAGS,
     lifespan=lifespan,
+    dependencies=[Authorized],  # every route needs a key with AUTH=on, unless marked `public`
 )
 app.router.route_class = ExactJSONRoute
 app.add_middleware(IdempotencyMiddleware)
 app.add_middleware(RequestContextMiddleware)  # the outermost: every reply gets its request id
 api_docs.document_validation_errors(app)
+open_documentation(app)
+document_security(app)
 # The status code of every failure: `add_exception_handlers`, at the end of this file.
 
 
@@ -164,6 +167,7 @@ PAYMENT_ERRORS = (
     response_model=HealthStatus,
     responses={503: {"model": HealthStatus, "description": "The database is unreachable"}},
 )
+@public
 async def health_check(session: SessionDep) -> Any:
     """UP only after a real round trip to the database."""
     try:
@@ -175,7 +179,6 @@ async def health_check(session: SessionDep) -> Any:
 
 @app.get(
     "/invoice/{invoice_id}",
-    dependencies=[Authorized],
     tags=["invoices"],
     summary="Read one invoice",
     response_model=InvoicePublic,
@@ -190,7 +193,6 @@ async def read_invoice(
 
 @app.post(
     "/invoice",
-    dependencies=[Authorized],
     tags=["invoices"],
     summary="Create an invoice, optionally paying it by card",
     response_model=InvoicePublic,
@@ -224,7 +226,6 @@ async def create_invoice(
 
 @app.post(
     "/invoice/pay/{invoice_id}",
-    dependencies=[Authorized],
     tags=["invoices"],
     summary="Pay a PENDING invoice by card",
     response_model=InvoicePublic,
@@ -255,7 +256,6 @@ async def pay_pending_invoice(
 
 @app.post(
     "/invoice/cancel/{invoice_id}",
-    dependencies=[Authorized],
     tags=["invoices"],
     summary="Cancel (void) a PENDING invoice",
     response_model=InvoicePublic,
@@ -285,7 +285,6 @@ async def cancel_pending_invoice(
 
 @app.get(
     "/invoice/{invoice_id}/payments",
-    dependencies=[Authorized],
     tags=["invoices"],
     summary="Every payment attempt of an invoice",
     response_model=PaymentHistory,
@@ -300,7 +299,6 @@ async def read_invoice_payments(
 
 @app.post(
     "/invoice/{invoice_id}/payments/{payment_id}/resolve",
-    dependencies=[Authorized],
     tags=["operators"],
     summary="Resolve a payment attempt whose outcome is unknown",
     response_model=InvoicePublic,
@@ -334,7 +332,6 @@ async def resolve_unknown_payment(
 
 @app.get(
     "/payments",
-    dependencies=[Authorized],
     tags=["operators"],
     summary="List payment attempts across invoices, page by page",
     response_model=Page[PaymentListItem],
@@ -356,7 +353,6 @@ async def list_payment_attempts(
 
 @app.get(
     "/invoices",
-    dependencies=[Authorized],
     tags=["invoices"],
     summary="List invoices, page by page",
     response_model=Page[InvoicePublic],
@@ -378,7 +374,6 @@ async def list_invoices(
 
 @app.get(
     "/invoices/scroll",
-    dependencies=[Authorized],
     tags=["invoices"],
     summary="Scroll through invoices with a cursor",
     response_model=InvoiceScrollPage,
@@ -400,7 +395,6 @@ async def scroll_invoices(
 
 @app.post(
     "/customer",
-    dependencies=[Authorized],
     tags=["customers"],
     summary="Create a customer",
     response_model=CustomerPublic,
@@ -417,7 +411,6 @@ async def create_new_customer(
 
 @app.get(
     "/customer/{customer_id}",
-    dependencies=[Authorized],
     tags=["customers"],
     summary="Read one customer",
     response_model=CustomerPublic,
@@ -433,7 +426,6 @@ async def read_customer(
 
 @app.get(
     "/customers",
-    dependencies=[Authorized],
     tags=["customers"],
     summary="List customers, page by page",
     response_model=Page[CustomerPublic],

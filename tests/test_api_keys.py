@@ -19,6 +19,7 @@ from scripts.processes import PROJECT_ROOT
 from tests.support import (
     J_DOE_CARD,
     SEEDED_CANCELLED,
+    UNKNOWN_ID,
     FakePayProcess,
     create_pending_invoice,
     direct_engine,
@@ -312,3 +313,72 @@ def test_key_names_compare_exactly_on_every_server() -> None:
     assert first != second
     with pytest.raises(SystemExit, match="already exists"):
         create_api_key(settings, f"strasse-{tag}", ApiKeyScope.READ)
+
+
+def protected_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route the app has but the ones marked public, with made-up
+    ids in place of the path's parameters."""
+    from fastapi.routing import APIRoute
+
+    from auth import is_public
+    from main import app
+
+    filled = {"{invoice_id}": UNKNOWN_ID, "{payment_id}": "1", "{customer_id}": "1"}
+    found = []
+    for route in app.routes:
+        if isinstance(route, APIRoute) and not is_public(route):
+            path = route.path_format
+            for placeholder, value in filled.items():
+                path = path.replace(placeholder, value)
+            found += [(method, path) for method in sorted(route.methods or ())]
+    return found
+
+
+def test_every_route_but_the_public_ones_needs_a_key(client: TestClient, auth_on: None) -> None:
+    refused = {
+        (method, path): client.request(method, path).status_code
+        for method, path in protected_routes()
+    }
+
+    assert len(refused) >= 12  # every route the app has, less the health check and docs
+    assert set(refused.values()) == {401}, refused
+
+
+def test_every_writing_route_refuses_a_read_key(client: TestClient, read_key: str) -> None:
+    writes = [(method, path) for method, path in protected_routes() if method != "GET"]
+
+    refused = {
+        (method, path): client.request(method, path, headers=bearer(read_key)).status_code
+        for method, path in writes
+    }
+
+    assert writes
+    assert set(refused.values()) == {403}, refused
+
+
+def test_resolving_a_payment_needs_an_admin_key(client: TestClient, write_key: str) -> None:
+    path = f"/invoice/{UNKNOWN_ID}/payments/1/resolve"
+    admin = make_key("admin")[1]
+
+    refused = client.post(path, json={"outcome": "FAILED"}, headers=bearer(write_key))
+    allowed = client.post(path, json={"outcome": "FAILED"}, headers=bearer(admin))
+
+    assert refused.status_code == 403
+    assert "needs an admin key" in refused.json()["detail"]
+    assert allowed.status_code == 404  # past the key check: there is no such invoice
+
+
+def test_every_protected_operation_documents_401_and_403(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+
+    operations = [
+        (path, method, operation)
+        for path, methods in paths.items()
+        for method, operation in methods.items()
+        if path != "/health-check"
+    ]
+
+    assert len(operations) >= 12
+    for path, method, operation in operations:
+        assert {"401", "403"} <= set(operation["responses"]), f"{method} {path}"
+        assert operation.get("security"), f"{method} {path}"

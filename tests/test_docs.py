@@ -62,19 +62,19 @@ def test_every_operation_has_summary_description_and_tags(openapi: dict[str, Any
     ("method", "path", "codes"),
     [
         ("GET", "/health-check", {"200", "503"}),
-        ("GET", "/invoice/{invoice_id}", {"200", "404", "422", "503"}),
+        ("GET", "/invoice/{invoice_id}", {"200", "401", "403", "404", "422", "503"}),
         (
             "POST",
             "/invoice",
-            {"201", "400", "402", "404", "409", "413", "422", "502", "503", "504"},
+            {"201", "400", "401", "402", "403", "404", "409", "413", "422", "502", "503", "504"},
         ),
         (
             "POST",
             "/invoice/pay/{invoice_id}",
-            {"201", "400", "402", "404", "409", "413", "422", "502", "503", "504"},
+            {"201", "400", "401", "402", "403", "404", "409", "413", "422", "502", "503", "504"},
         ),
-        ("GET", "/invoices", {"200", "422", "503"}),
-        ("GET", "/invoices/scroll", {"200", "422", "503"}),
+        ("GET", "/invoices", {"200", "401", "403", "422", "503"}),
+        ("GET", "/invoices/scroll", {"200", "401", "403", "422", "503"}),
     ],
 )
 def test_every_status_an_operation_returns_is_documented_with_a_model(

@@ -5,7 +5,7 @@ key goes exactly once, every stalled attempt is marked exactly once, nothing els
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -14,6 +14,7 @@ from db import make_engine
 from idempotency import purge_expired_keys
 from payments import sweep_stalled_once
 from scripts import cluster
+from scripts.schema import count_new_invoices
 from settings import Settings
 from tests_cluster.conftest import node_rows, report
 
@@ -23,7 +24,14 @@ STALLED, FRESH = 120, 12
 STALE_AFTER_S = 600
 
 
-def execute(database: str, statement: str, rows: Sequence[tuple[object, ...]]) -> None:
+def execute(
+    database: str,
+    statement: str,
+    rows: Sequence[tuple[object, ...]],
+    counted: Mapping[str, int] | None = None,
+) -> None:
+    """Run `statement` once per row on node 1, in one transaction with the counts of any
+    invoices it inserts (`counted`, by status)."""
     import pymysql
 
     config = Settings()
@@ -38,6 +46,9 @@ def execute(database: str, statement: str, rows: Sequence[tuple[object, ...]]) -
         connection.cursor() as cursor,
     ):
         cursor.executemany(statement, rows)
+        if counted:
+            count_new_invoices(cursor, counted)
+        connection.commit()
         connection.commit()
 
 
@@ -63,6 +74,7 @@ def seed_attempts(database: str, tag: str) -> None:
         "INSERT INTO invoice (id, customer_id, job_description, amount, invoice_status) "
         "VALUES (%s, 1, %s, 1, 'CANCELLED')",
         invoices,
+        counted={"CANCELLED": len(invoices)},  # as every writer of invoices must
     )
     execute(
         database,
