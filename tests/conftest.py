@@ -12,7 +12,14 @@ from fastapi.testclient import TestClient
 from scripts.processes import Running, running_app, running_fakepay
 from scripts.schema import apply_script, create_database, upgrade_to_head
 from tests.stand_in import StandInProvider
-from tests.support import FAKEPAY_PORT, FakePayProcess, OverrideFakePay, UseProvider, settings
+from tests.support import (
+    FAKEPAY_PORT,
+    FakePayProcess,
+    OneSlotProvider,
+    OverrideFakePay,
+    UseProvider,
+    settings,
+)
 from tests.tcp_proxy import TcpProxy
 
 
@@ -122,6 +129,13 @@ def stand_in(use_provider: UseProvider) -> Iterator[StandInProvider]:
     with StandInProvider() as provider:
         use_provider(provider.url)
         yield provider
+
+
+@pytest.fixture
+def one_slot_provider(client: TestClient, use_provider: UseProvider) -> Iterator[OneSlotProvider]:
+    with StandInProvider() as provider:
+        use_provider(provider.url, fakepay_max_concurrency=1, fakepay_timeout=30)
+        yield OneSlotProvider(provider, client)
 
 
 @pytest.fixture

@@ -286,3 +286,28 @@ def paying_behind(
             finally:
                 gate.set()
                 payer.join()
+
+
+@dataclass
+class OneSlotProvider:
+    """A stand-in the in-process app may call once at a time. `busy()` holds that one call
+    (a pay of an invoice of its own), so every other payment meanwhile is refused as provider
+    busy: 503 with Retry-After, nothing sent."""
+
+    provider: StandInProvider
+    http: Poster
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        invoice_id = create_pending_invoice(self.http)
+        gate = threading.Event()
+        self.provider.answer_next(200, PAID_REPLY, gate=gate)
+        pay = f"/invoice/pay/{invoice_id}"
+        holder = threading.Thread(target=lambda: self.http.post(pay, json=WORK_CARD))
+        holder.start()
+        try:
+            wait_until(lambda: self.provider.requests_for(invoice_id), "a pay to take the slot")
+            yield
+        finally:
+            gate.set()
+            holder.join()

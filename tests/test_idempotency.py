@@ -21,12 +21,12 @@ from tests.support import (
     SEEDED_PENDING,
     WORK_CARD,
     FakePayProcess,
+    OneSlotProvider,
     UseProvider,
     attempts,
     create_pending_invoice,
     direct_engine,
     invoices_described,
-    wait_until,
 )
 
 ANY_INVOICE = {"jobDescription": "Keyed", "amount": 1, "customerId": 1}
@@ -322,29 +322,18 @@ def test_a_first_request_that_never_finished_is_409_naming_its_invoice(
 
 
 def test_a_create_whose_payment_was_refused_busy_is_resumed_by_its_retry(
-    client: TestClient, use_provider: UseProvider
+    client: TestClient, one_slot_provider: OneSlotProvider
 ) -> None:
     """The first request created the invoice, then found the provider busy (503, Retry-After):
     the retry with the same key pays that invoice; it neither replays the 503 nor creates a
     second invoice."""
-    busy_id, key = create_pending_invoice(client), new_key()
+    key = new_key()
     body = {"jobDescription": "Resumed", "amount": 12, "customerId": 2, "card": J_DOE_CARD}
-    with StandInProvider() as provider:
-        use_provider(provider.url, fakepay_max_concurrency=1, fakepay_timeout=30)
-        gate = threading.Event()
-        provider.answer_next(200, PAID_REPLY, gate=gate)
-        holder = threading.Thread(
-            target=lambda: client.post(f"/invoice/pay/{busy_id}", json=J_DOE_CARD)
-        )
-        holder.start()
-        try:
-            wait_until(lambda: provider.requests_for(busy_id), "the first pay to take the slot")
-            refused = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
-        finally:
-            gate.set()
-            holder.join()
-        retried = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
-        replayed = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
+    with one_slot_provider.busy():
+        refused = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
+    retried = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
+    replayed = client.post("/invoice", json=body, headers={"Idempotency-Key": key})
+    provider = one_slot_provider.provider
 
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"

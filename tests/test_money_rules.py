@@ -22,6 +22,7 @@ from tests.support import (
     SUPERSEDED,
     WORK_CARD,
     FakePayProcess,
+    OneSlotProvider,
     UseProvider,
     attempts,
     create_pending_invoice,
@@ -151,29 +152,14 @@ def test_cancel_refused_while_newest_attempt_processing(
 
 
 def test_retry_with_the_same_key_after_a_busy_provider_pays(
-    client: TestClient, use_provider: UseProvider
+    client: TestClient, one_slot_provider: OneSlotProvider
 ) -> None:
-    busy_id, keyed_id, key = (
-        create_pending_invoice(client),
-        create_pending_invoice(client),
-        f"busy-{uuid.uuid4()}",
-    )
-    with StandInProvider() as provider:
-        use_provider(provider.url, fakepay_max_concurrency=1, fakepay_timeout=30)
-        gate = threading.Event()
-        provider.answer_next(200, PAID_REPLY, gate=gate)
-        holder = threading.Thread(
-            target=lambda: client.post(f"/invoice/pay/{busy_id}", json=WORK_CARD)
-        )
-        holder.start()
-        try:
-            wait_until(lambda: provider.requests_for(busy_id), "the first pay to take the slot")
-            refused = client.post(f"/invoice/pay/{keyed_id}", json=WORK_CARD, headers=keyed(key))
-        finally:
-            gate.set()
-            holder.join()
+    keyed_id, key = create_pending_invoice(client), f"busy-{uuid.uuid4()}"
+    with one_slot_provider.busy():
+        refused = client.post(f"/invoice/pay/{keyed_id}", json=WORK_CARD, headers=keyed(key))
 
-        response = client.post(f"/invoice/pay/{keyed_id}", json=WORK_CARD, headers=keyed(key))
+    response = client.post(f"/invoice/pay/{keyed_id}", json=WORK_CARD, headers=keyed(key))
+    provider = one_slot_provider.provider
 
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
