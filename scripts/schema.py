@@ -82,12 +82,6 @@ def drop_database(config: Settings, name: str) -> None:
         cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
-def existing_tables(config: Settings) -> set[str]:
-    with admin_connection(config, config.db_name) as connection, connection.cursor() as cursor:
-        cursor.execute("SHOW TABLES")
-        return {row[0] for row in cursor.fetchall()}
-
-
 def apply_script(config: Settings, name: str) -> None:
     with admin_connection(config, config.db_name) as connection:
         run_sql_script(connection, SQL_DIR / name)
