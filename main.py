@@ -13,12 +13,16 @@ from typing import Annotated, Any
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from fastapi_pagination import Page, Params
 from loguru import logger
 from sqlmodel import select
 
 import api_docs
+import customers
+import invoices
+import payments
 from api_docs import (
     BAD_BODY,
     CANCEL_ID_EXAMPLES,
@@ -29,13 +33,7 @@ from api_docs import (
     READ_EXAMPLES,
 )
 from auth import AdminDep, Authorized, document_security, open_documentation, public
-from customers import (
-    CustomerNotFoundError,
-    EmailTakenError,
-    create_customer,
-    get_customer_or_404,
-    list_customers,
-)
+from customers import CustomerNotFoundError, EmailTakenError, get_customer_or_404
 from db import DATABASE_UNREACHABLE, SessionDep, TransactionConflictError, engine
 from errors import ApiError, DatabaseUnavailableError, LostRaceError, responses
 from exact_json import ExactJSONRoute
@@ -52,11 +50,9 @@ from invoices import (
     InvoiceNotFoundError,
     OutcomeUnknownError,
     PaymentInProgressError,
-    cancel_invoice,
     create_pending_invoice,
     get_invoice_or_404,
     list_page,
-    list_payments,
     page_params,
     payment_history,
     scroll,
@@ -90,13 +86,18 @@ from payments import (
     ProviderTimeoutError,
     ProviderUnavailableError,
     RecorderDep,
-    pay_invoice,
-    resolve_payment,
     sweep_stalled_forever,
 )
 from settings import settings
 
 configure_logging()
+
+
+def operation_id(route: APIRoute) -> str:
+    """Each operation's id is its handler's name (`pay_invoice`), so a generated client's
+    methods read as the routes do; the names are unique in this module, and `test_docs`
+    keeps them so."""
+    return route.name
 
 
 @asynccontextmanager
@@ -129,6 +130,7 @@ app = FastAPIOffline(
     description=api_docs.DESCRIPTION,
     openapi_tags=api_docs.TAGS,
     lifespan=lifespan,
+    generate_unique_id_function=operation_id,
     dependencies=[Authorized],  # every route needs a key with AUTH=on, unless marked `public`
 )
 app.router.route_class = ExactJSONRoute
@@ -221,7 +223,9 @@ async def create_invoice(
     if request.card is None:
         return invoice
     card = request.card
-    return await pay_invoice(session, fakepay, recorder, str(invoice.id), card, idempotency)
+    return await payments.pay_invoice(
+        session, fakepay, recorder, str(invoice.id), card, idempotency
+    )
 
 
 @app.post(
@@ -235,7 +239,7 @@ async def create_invoice(
         **BAD_BODY,
     },
 )
-async def pay_pending_invoice(
+async def pay_invoice(
     invoice_id: Annotated[uuid.UUID, Path(openapi_examples=PAY_ID_EXAMPLES)],
     card: Annotated[Card, Body(openapi_examples=PAY_EXAMPLES)],
     session: SessionDep,
@@ -251,7 +255,9 @@ async def pay_pending_invoice(
     """
     if replay := await idempotency.replay(session, card):
         return replay
-    return await pay_invoice(session, fakepay, recorder, str(invoice_id), card, idempotency)
+    return await payments.pay_invoice(
+        session, fakepay, recorder, str(invoice_id), card, idempotency
+    )
 
 
 @app.post(
@@ -269,7 +275,7 @@ async def pay_pending_invoice(
         DatabaseUnavailableError,
     ),
 )
-async def cancel_pending_invoice(
+async def cancel_invoice(
     invoice_id: Annotated[uuid.UUID, Path(openapi_examples=CANCEL_ID_EXAMPLES)],
     session: SessionDep,
     idempotency: IdempotencyDep,
@@ -280,7 +286,7 @@ async def cancel_pending_invoice(
     """
     if replay := await idempotency.replay(session, None):
         return replay
-    return await cancel_invoice(session, invoice_id, idempotency)
+    return await invoices.cancel_invoice(session, invoice_id, idempotency)
 
 
 @app.get(
@@ -312,7 +318,7 @@ async def read_invoice_payments(
         **BAD_BODY,
     },
 )
-async def resolve_unknown_payment(
+async def resolve_payment(
     invoice_id: uuid.UUID,
     payment_id: Annotated[int, Path(ge=1)],
     resolution: PaymentResolution,
@@ -325,7 +331,7 @@ async def resolve_unknown_payment(
     with who (the API key's name, or AUTH=off) and when, in the payment history. Needs an
     admin key when API keys are on."""
     outcome = PaymentStatus(resolution.outcome)
-    return await resolve_payment(
+    return await payments.resolve_payment(
         session, str(invoice_id), payment_id, outcome, operator, fakepay.stale_after_s
     )
 
@@ -337,7 +343,7 @@ async def resolve_unknown_payment(
     response_model=Page[PaymentListItem],
     responses=responses(DatabaseUnavailableError),
 )
-async def list_payment_attempts(
+async def list_payments(
     session: SessionDep,
     params: PageDep,
     payment_status: Annotated[
@@ -348,7 +354,7 @@ async def list_payment_attempts(
     ] = None,
 ) -> Page[PaymentListItem]:
     """Attempts newest first, with the invoice each was for: what an operator works through."""
-    return await list_payments(session, payment_status, params)
+    return await invoices.list_payments(session, payment_status, params)
 
 
 @app.get(
@@ -401,12 +407,12 @@ async def scroll_invoices(
     status_code=status.HTTP_201_CREATED,
     responses={**responses(EmailTakenError, DatabaseUnavailableError), **BAD_BODY},
 )
-async def create_new_customer(
+async def create_customer(
     request: Annotated[CustomerCreate, Body(openapi_examples=CUSTOMER_EXAMPLES)],
     session: SessionDep,
 ) -> CustomerPublic:
     """A new customer, to create invoices for; the email is unique whatever its case."""
-    return await create_customer(session, request)
+    return await customers.create_customer(session, request)
 
 
 @app.get(
@@ -431,9 +437,9 @@ async def read_customer(
     response_model=Page[CustomerPublic],
     responses=responses(DatabaseUnavailableError),
 )
-async def list_all_customers(session: SessionDep, params: PageDep) -> Page[CustomerPublic]:
+async def list_customers(session: SessionDep, params: PageDep) -> Page[CustomerPublic]:
     """Customers by id, ten to a page by default."""
-    return await list_customers(session, params)
+    return await customers.list_customers(session, params)
 
 
 # --- every outcome that is not a success ----------------------------------------------

@@ -58,6 +58,27 @@ def test_every_operation_has_summary_description_and_tags(openapi: dict[str, Any
         assert operation.get("tags"), f"{method} {path}"
 
 
+def test_operation_ids_are_the_handler_names_a_client_calls(openapi: dict[str, Any]) -> None:
+    ids = {
+        (method, path): operation["operationId"] for method, path, operation in operations(openapi)
+    }
+    assert ids == {
+        ("GET", "/health-check"): "health_check",
+        ("GET", "/invoice/{invoice_id}"): "read_invoice",
+        ("POST", "/invoice"): "create_invoice",
+        ("POST", "/invoice/pay/{invoice_id}"): "pay_invoice",
+        ("POST", "/invoice/cancel/{invoice_id}"): "cancel_invoice",
+        ("GET", "/invoice/{invoice_id}/payments"): "read_invoice_payments",
+        ("POST", "/invoice/{invoice_id}/payments/{payment_id}/resolve"): "resolve_payment",
+        ("GET", "/payments"): "list_payments",
+        ("GET", "/invoices"): "list_invoices",
+        ("GET", "/invoices/scroll"): "scroll_invoices",
+        ("POST", "/customer"): "create_customer",
+        ("GET", "/customer/{customer_id}"): "read_customer",
+        ("GET", "/customers"): "list_customers",
+    }
+
+
 @pytest.mark.parametrize(
     ("method", "path", "codes"),
     [
