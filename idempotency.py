@@ -36,6 +36,7 @@ from loguru import logger
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, delete, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -327,7 +328,7 @@ async def purge_expired_keys(session: AsyncSession, batch: int = 1000) -> int:
             return removed
 
 
-async def purge_expired_keys_forever(every_s: float = 600) -> None:
+async def purge_expired_keys_forever(engine: AsyncEngine, every_s: float = 600) -> None:
     """The lifespan's background task: purge, sleep, repeat; a database outage only waits."""
     while True:
         try:

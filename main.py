@@ -108,7 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     fakepay = FakePayClient(settings)
     recorder = OutcomeRecorder(engine)
     background = [
-        asyncio.create_task(purge_expired_keys_forever()),
+        asyncio.create_task(purge_expired_keys_forever(engine)),
         asyncio.create_task(sweep_stalled_forever(engine, fakepay.stale_after_s)),
     ]
     logger.info("invoice API started; FakePay at {}", settings.fakepay_url)
