@@ -30,9 +30,13 @@ stop: ## stop FakePay and the private database servers (data kept)
 	-@[ -x $(BIN)/python ] && $(MYSQL8_LIKE) $(STACK) db-down
 
 WORKERS ?= 2
-serve: install db-up ## production mode: N uvicorn workers (WORKERS=2), no reload, JSON logs
+# prometheus-client's multiprocess mode: the workers write their metrics here, and a scrape of
+# /metrics from any of them sums them all. Emptied at each start, so no old run adds to it.
+METRICS_DIR := $(CURDIR)/.data/metrics
+serve: install db-up ## production mode: N uvicorn workers (WORKERS=2), no reload, JSON logs, /metrics of all
 	@$(STACK) serve-guard $(HOST)
-	LOG_JSON=true $(BIN)/uvicorn main:app --loop uvloop --http httptools --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
+	@rm -rf "$(METRICS_DIR)" && mkdir -p "$(METRICS_DIR)"
+	PROMETHEUS_MULTIPROC_DIR="$(METRICS_DIR)" LOG_JSON=true $(BIN)/uvicorn main:app --loop uvloop --http httptools --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
 
 test: install db-up ## run the test suite (its own database, its own FakePay)
 	$(BIN)/pytest

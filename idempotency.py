@@ -41,6 +41,7 @@ from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import metrics
 from api_docs import invalid
 from db import DATABASE_UNREACHABLE, TransactionConflictError, engine, is_duplicate_key
 from errors import ApiError
@@ -143,6 +144,7 @@ class IdempotentRequest:
             if now() - started > self.stale_after:
                 raise IdempotentRequestUnfinishedError(record.invoice_id)
             raise IdempotencyKeyInUseError()
+        metrics.count_idempotent_replay()
         return Response(
             record.response_body,
             status_code=record.response_status,

@@ -56,6 +56,7 @@ from models import (
     encode_cursor,
     uuid7,
 )
+from observability import add_log_fields
 from settings import settings
 
 # A statement of `invoice_rows`, and one row of its result: the columns by name.
@@ -409,6 +410,7 @@ async def create_pending_invoice(
     # duplicate key, answered as the key in use.
     invoice_id, customer = await retry_conflicts(session, insert_and_count)
     idempotency.reserved = idempotency.changed = True
+    add_log_fields(invoice_id=invoice_id)
     logger.info(
         "invoice {} created for customer {}: {}", invoice_id, request.customer_id, request.amount
     )

@@ -22,6 +22,7 @@ from sqlmodel import select
 import api_docs
 import customers
 import invoices
+import metrics
 import payments
 from api_docs import (
     BAD_BODY,
@@ -107,6 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     purge of expired Idempotency-Keys and the sweep that turns stalled attempts UNKNOWN."""
     fakepay = FakePayClient(settings)
     recorder = OutcomeRecorder(engine)
+    metrics.start(engine)
     background = [
         asyncio.create_task(purge_expired_keys_forever(engine)),
         asyncio.create_task(sweep_stalled_forever(engine, fakepay.stale_after_s)),
@@ -440,6 +442,21 @@ async def read_customer(
 async def list_customers(session: SessionDep, params: PageDep) -> Page[CustomerPublic]:
     """Customers by id, ten to a page by default."""
     return await customers.list_customers(session, params)
+
+
+@app.get(
+    "/metrics",
+    tags=["operators"],
+    summary="Metrics for Prometheus to scrape",
+    response_class=Response,  # no JSON: the text format, documented as such below
+    responses={**metrics.DOCUMENTED, **responses(metrics.MetricsOffError)},
+)
+async def read_metrics() -> Response:
+    """Prometheus' text format: requests by route template and status, their latency,
+    payment attempts by outcome, provider call latency and calls in flight, database
+    connections in use, Idempotency-Key replays; every worker's, however many serve. Any key
+    may read it when API keys are on."""
+    return await metrics.reply()
 
 
 # --- every outcome that is not a success ----------------------------------------------

@@ -1,7 +1,13 @@
 """Logging and the request middleware: one log line per request, each tagged with its id.
 
-Card data never reaches a log: tracebacks are printed without variable values, and the only
-card number the app ever formats is the masked one.
+Every line logged while a request is served carries its fields in `record["extra"]` (the JSON
+lines of `LOG_JSON=true` show them): `request_id`; `route` (the template) and the `invoice_id`
+and `payment_id` its path names, once the request is routed; ids the domain learns later
+(`add_log_fields`: a new invoice, a payment attempt); and, on the request's own line, `status`
+and `duration_ms`. The middleware also counts the request in `metrics`.
+
+Card data never reaches a log: tracebacks are printed without variable values, the only
+card number the app ever formats is the masked one, and a raw path is logged redacted.
 """
 
 import logging
@@ -10,6 +16,7 @@ import sys
 import time
 import uuid
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from loguru import logger
@@ -17,6 +24,7 @@ from starlette import status
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import metrics
 from settings import settings
 
 if TYPE_CHECKING:
@@ -29,8 +37,35 @@ CARD_LIKE = re.compile(
     r"(?P<uuid>[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})|\d(?:[ -]?\d){11,}"
 )
 INTERNAL_ERROR = {"detail": "Internal server error; the request id is in the X-Request-ID header"}
-# The id of the request being served; every log line carries it ("-" outside a request).
-REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+PAYMENT_ID_DIGITS = 10  # a payment id is an INT: longer digit runs are no id (maybe a card)
+
+
+@dataclass
+class RequestFields:
+    """The fields of the log lines of the request being served, as they become known."""
+
+    request_id: str
+    scope: Scope
+    known: dict[str, object] = field(default_factory=dict)
+    routed: bool = False
+
+    def learn_route(self) -> None:
+        """Once routed: the route's template, and the ids in its path that are well formed."""
+        self.routed = True
+        self.known["route"] = route_template(self.scope)
+        params = self.scope.get("path_params", {})
+        invoice_id, payment_id = (
+            str(params.get("invoice_id", "")),
+            str(params.get("payment_id", "")),
+        )
+        if (canonical := canonical_uuid(invoice_id)) is not None:
+            self.known.setdefault("invoice_id", canonical)
+        if payment_id.isascii() and payment_id.isdigit() and len(payment_id) <= PAYMENT_ID_DIGITS:
+            self.known.setdefault("payment_id", int(payment_id))
+
+
+# The request being served; each request runs in a task of its own, so the value ends with it.
+CURRENT_REQUEST: ContextVar[RequestFields | None] = ContextVar("current_request", default=None)
 
 
 class InterceptHandler(logging.Handler):
@@ -46,7 +81,7 @@ class InterceptHandler(logging.Handler):
 
 def configure_logging() -> None:
     logger.remove()
-    logger.configure(patcher=tag_with_request_id)
+    logger.configure(patcher=tag_with_request_fields)
     logger.add(
         sys.stderr,
         level=settings.log_level.upper(),
@@ -71,9 +106,46 @@ def redact_card_numbers(path: str) -> str:
     return CARD_LIKE.sub(lambda match: match["uuid"] or "[redacted]", path)
 
 
-def tag_with_request_id(record: "Record") -> None:
-    """A context variable read per log line: cheaper than `logger.contextualize` per request."""
-    record["extra"]["request_id"] = REQUEST_ID.get()
+def canonical_uuid(text: str) -> str | None:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that took the request, never the raw path."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    return template if isinstance(template, str) else metrics.UNMATCHED
+
+
+def add_log_fields(**fields: object) -> None:
+    """Fields for every later log line of the request being served: ids the domain learns
+    (`invoice_id=`, `payment_id=`). Outside a request, nothing."""
+    current = CURRENT_REQUEST.get()
+    if current is not None:
+        current.known.update(
+            {
+                name: str(value) if isinstance(value, uuid.UUID) else value
+                for name, value in fields.items()
+            }
+        )
+
+
+def tag_with_request_fields(record: "Record") -> None:
+    """A context variable read per log line: cheaper than `logger.contextualize` per request.
+    Outside a request, `request_id` is "-"."""
+    extra = record["extra"]
+    current = CURRENT_REQUEST.get()
+    if current is None:
+        extra["request_id"] = "-"
+        return
+    if not current.routed and "route" in current.scope:
+        current.learn_route()
+    extra["request_id"] = current.request_id
+    for name, value in current.known.items():
+        extra.setdefault(name, value)
 
 
 class RequestContextMiddleware:
@@ -105,7 +177,8 @@ class RequestContextMiddleware:
                 message["headers"].append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        REQUEST_ID.set(request_id)  # each request runs in a task of its own: the value ends with it
+        fields = RequestFields(request_id, scope)
+        CURRENT_REQUEST.set(fields)
         try:
             await self._dispatch(scope, receive, send_with_id)
         except Exception as error:
@@ -115,12 +188,15 @@ class RequestContextMiddleware:
             failure = JSONResponse(INTERNAL_ERROR, status.HTTP_500_INTERNAL_SERVER_ERROR)
             await failure(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
+            metrics.observe_request(route_template(scope), scope["method"], status_code, seconds)
+            fields.known.update(status=status_code, duration_ms=round(seconds * 1000, 1))
             logger.info(
                 "{} {} {} {:.1f} ms",
                 scope["method"],
                 redact_card_numbers(scope["path"]),
                 status_code,
-                (time.perf_counter() - started) * 1000,
+                seconds * 1000,
             )
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -48,6 +48,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import Select
 
+import metrics
 from db import (
     CONFLICT_TRIES,
     DATABASE_UNREACHABLE,
@@ -79,6 +80,7 @@ from models import (
     Payment,
     PaymentStatus,
 )
+from observability import add_log_fields
 from settings import SETTLE_RETRY_DELAYS_S, Settings
 
 
@@ -301,9 +303,11 @@ class FakePayClient:
         except anyio.WouldBlock:
             yield False
             return
+        metrics.provider_call_started()
         try:
             yield True
         finally:
+            metrics.provider_call_ended()
             self._slots.release()
 
     async def charge(self, request: FakePayRequest) -> ChargeResult:
@@ -534,6 +538,7 @@ async def record_outcome(
             return True
         if succeeded:
             await execute_core(session, MARK_REFUND_DUE, attempt)
+            metrics.count_payment(PaymentStatus.REFUND_DUE)
             logger.error(
                 "invoice {}: attempt {} was charged after a later attempt had replaced it; "
                 "this charge must be refunded",
@@ -735,6 +740,7 @@ async def resolve_payment(
         succeeded = outcome == PaymentStatus.SUCCEEDED
         if succeeded and not (await execute_core(session, MARK_PAID, attempt)).rowcount:
             outcome, succeeded = PaymentStatus.REFUND_DUE, False
+            metrics.count_payment(PaymentStatus.REFUND_DUE)
         elif succeeded:
             await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
         resolution = {
@@ -761,16 +767,20 @@ async def pay_invoice(
     """Charge `card` for a PENDING invoice once, answering the invoice PAID with the masked
     card; raise a `PaymentError` for every other end."""
     masked = card.masked()
+    add_log_fields(invoice_id=invoice_id)
     claimed = await claim(session, fakepay, invoice_id, masked, idempotency)
+    add_log_fields(payment_id=claimed.payment_id)
     with fakepay.slot() as acquired:
         if not acquired:
             busy = ChargeResult(PaymentStatus.FAILED, "too many payments in flight", sent=False)
+            metrics.count_payment(busy.status)
             await settle(session, recorder, claimed, busy)
             raise ProviderBusyError(invoice_id)
         logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
         started = time.perf_counter()
         result = await charge_once(fakepay, invoice_id, card)
         elapsed_ms = (time.perf_counter() - started) * 1000
+    metrics.record_charge(result.status, elapsed_ms)
     idempotency.charge_sent = result.sent
     idempotency.changed = idempotency.changed or result.sent
     logger.info(

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+    metrics: bool = Field(
+        default=True,
+        description="count requests, payments and the pool for GET /metrics; false: nothing "
+        "is counted and /metrics answers 404",
+    )
 
     @property
     def db_host(self) -> str:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The event loop and HTTP parser the app is served with everywhere: make, tests and bench.
 UVICORN = ["-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,31 @@ def running(
             process.wait()
 
 
+@contextmanager
 def running_app(
     log_path: Path, env: dict[str, str] | None = None, workers: int = 1, app: str = "main:app"
-) -> AbstractContextManager[Running]:
-    """The app under uvicorn on a free port."""
+) -> Iterator[Running]:
+    """The app under uvicorn on a free port; with several workers, each scrape of /metrics
+    counts them all (`multiprocess_metrics`)."""
     port = free_port()
     arguments = [*UVICORN, app, "--host", "127.0.0.1", "--port", str(port)]
-    return running([*arguments, "--workers", str(workers)], port, log_path, env)
+    with (
+        multiprocess_metrics(env or {}, workers) as app_env,
+        running([*arguments, "--workers", str(workers)], port, log_path, app_env) as server,
+    ):
+        yield server
+
+
+@contextmanager
+def multiprocess_metrics(env: dict[str, str], workers: int) -> Iterator[dict[str, str]]:
+    """`env` for an app of `workers` processes: with more than one, and no
+    PROMETHEUS_MULTIPROC_DIR chosen, a new empty directory for prometheus-client's
+    multiprocess mode, removed when the app has stopped (`make serve` keeps its own)."""
+    if workers == 1 or MULTIPROC_DIR in {**os.environ, **env}:
+        yield env
+        return
+    with tempfile.TemporaryDirectory(prefix="metrics-") as directory:
+        yield {**env, MULTIPROC_DIR: directory}
 
 
 def running_fakepay(log_path: Path, port: int | None = None) -> AbstractContextManager[Running]:

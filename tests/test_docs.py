@@ -76,6 +76,7 @@ def test_operation_ids_are_the_handler_names_a_client_calls(openapi: dict[str, A
         ("POST", "/customer"): "create_customer",
         ("GET", "/customer/{customer_id}"): "read_customer",
         ("GET", "/customers"): "list_customers",
+        ("GET", "/metrics"): "read_metrics",
     }
 
 
