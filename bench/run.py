@@ -364,6 +364,21 @@ def main() -> None:
                     wrk, {target: url}, "GET /invoice/{id} (bearer key)", keyed, 32, args.rounds
                 )
 
+        # The metrics' cost: the same reads with METRICS=true (the default) and METRICS=false.
+        with (
+            running_app(workdir / "metrics.log", {**env, "METRICS": "true"}) as metrics_on,
+            running_app(workdir / "no-metrics.log", {**env, "METRICS": "false"}) as metrics_off,
+        ):
+            for connections in (1, 32):
+                measurements += measure(
+                    wrk,
+                    {"app, METRICS=true": metrics_on.url, "app, METRICS=false": metrics_off.url},
+                    "GET /invoice/{id} (metrics)",
+                    read,
+                    connections,
+                    args.rounds,
+                )
+
         with running_app(workdir / "app2.log", env, workers=2) as app2:
             time.sleep(2)  # both workers up
             measurements += measure(
@@ -461,6 +476,12 @@ def report(
         "pay flow vs minimal async, c=8": versus("app", PAY_FLOW, 8),
         "read with AUTH=on vs AUTH=off, c=32": versus(
             "app, AUTH=on", "GET /invoice/{id} (bearer key)", 32, "app, AUTH=off"
+        ),
+        "read with metrics vs METRICS=false, c=1": versus(
+            "app, METRICS=true", "GET /invoice/{id} (metrics)", 1, "app, METRICS=false"
+        ),
+        "read with metrics vs METRICS=false, c=32": versus(
+            "app, METRICS=true", "GET /invoice/{id} (metrics)", 32, "app, METRICS=false"
         ),
         "pay flow vs FakePay alone, c=8": find(
             measurements, "app", "POST /invoice with card", 8
