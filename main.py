@@ -121,6 +121,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
             task.cancel()
         await recorder.aclose()
         await fakepay.aclose()
+        metrics.stop()
 
 
 # FastAPIOffline serves Swagger UI and ReDoc from pinned, packaged assets instead of a CDN,

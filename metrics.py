@@ -11,7 +11,6 @@ Labels hold only route templates, methods, status codes and outcomes: never a ra
 could hold a card number someone put in a URL) and nothing a client chose.
 """
 
-import atexit
 import os
 from typing import Any
 
@@ -140,16 +139,21 @@ def _checked_in(*_: object) -> None:
 
 
 def start(engine: AsyncEngine) -> None:
-    """Per process, at start-up: follow the pool of the engine the app uses; in multiprocess
-    mode, drop this process's gauges when it exits, so they stop adding to the sums."""
+    """Per process, at start-up: follow the pool of the engine the app uses."""
     if not settings.metrics:
         return
     pool = engine.sync_engine.pool
     if not event.contains(pool, "checkout", _checked_out):
         event.listen(pool, "checkout", _checked_out)
         event.listen(pool, "checkin", _checked_in)
+
+
+def stop() -> None:
+    """Per process, at shutdown: in multiprocess mode, this process's gauges stop adding to
+    the sums (its counters and histograms stay: what it counted happened). A worker killed
+    without a shutdown leaves its gauges until the directory is emptied at the next start."""
     if MULTIPROCESS_DIR is not None:
-        atexit.register(multiprocess.mark_process_dead, os.getpid())
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 def scrape() -> bytes:

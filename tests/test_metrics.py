@@ -262,3 +262,16 @@ def test_with_two_workers_every_scrape_counts_every_workers_requests(tmp_path: P
 
     assert len(served_by(log_path)) == 2
     assert [requests_counted(samples, READ, "404") for samples in scrapes] == [sent] * 6
+
+
+def test_a_worker_that_stops_takes_its_gauges_out_of_the_sums(tmp_path: Path) -> None:
+    """As `make serve` runs it: a directory of the project's choosing, emptied before."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    with running_app(tmp_path / "app.log", env=env, workers=2) as server:
+        wait_until(lambda: len(list(directory.glob("gauge_livesum_*.db"))) == 2, "both workers")
+        assert httpx.get(f"{server.url}/invoice/{UNKNOWN_ID}").status_code == 404
+
+    assert list(directory.glob("gauge_livesum_*.db")) == []
+    assert list(directory.glob("counter_*.db"))  # what the workers counted stays
