@@ -108,7 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
     purge of expired Idempotency-Keys and the sweep that turns stalled attempts UNKNOWN."""
     fakepay = FakePayClient(settings)
     recorder = OutcomeRecorder(engine)
-    metrics.start(engine)
+    metrics.start(engine, settings)
     background = [
         asyncio.create_task(purge_expired_keys_forever(engine)),
         asyncio.create_task(sweep_stalled_forever(engine, fakepay.stale_after_s)),

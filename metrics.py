@@ -30,9 +30,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from errors import ApiError
-from settings import settings
+from settings import Settings
 
 MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+recording = True  # METRICS of the settings the app started with (`start`)
 UNMATCHED = "(unmatched)"  # the route label of a request no route took: never its raw path
 
 REQUESTS = Counter(
@@ -95,7 +96,7 @@ class MetricsOffError(ApiError):
 
 
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
-    if settings.metrics:
+    if recording:
         REQUESTS.labels(route, method, str(status)).inc()
         REQUEST_SECONDS.labels(route, method).observe(seconds)
 
@@ -103,7 +104,7 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
 def record_charge(outcome: str, elapsed_ms: float) -> None:
     """A provider call that ended with `outcome` after `elapsed_ms`: its latency, and the
     attempt's outcome."""
-    if settings.metrics:
+    if recording:
         PROVIDER_SECONDS.labels(outcome).observe(elapsed_ms / 1000)
         PAYMENT_ATTEMPTS.labels(outcome).inc()
 
@@ -111,22 +112,22 @@ def record_charge(outcome: str, elapsed_ms: float) -> None:
 def count_payment(outcome: str) -> None:
     """An attempt that ended without a provider answer of its own (refused as busy: FAILED) or
     whose charge must be refunded (REFUND_DUE)."""
-    if settings.metrics:
+    if recording:
         PAYMENT_ATTEMPTS.labels(outcome).inc()
 
 
 def provider_call_started() -> None:
-    if settings.metrics:
+    if recording:
         PROVIDER_IN_FLIGHT.inc()
 
 
 def provider_call_ended() -> None:
-    if settings.metrics:
+    if recording:
         PROVIDER_IN_FLIGHT.dec()
 
 
 def count_idempotent_replay() -> None:
-    if settings.metrics:
+    if recording:
         IDEMPOTENT_REPLAYS.inc()
 
 
@@ -138,9 +139,12 @@ def _checked_in(*_: object) -> None:
     POOL_IN_USE.dec()
 
 
-def start(engine: AsyncEngine) -> None:
-    """Per process, at start-up: follow the pool of the engine the app uses."""
-    if not settings.metrics:
+def start(engine: AsyncEngine, config: Settings) -> None:
+    """Per process, at start-up: record or not as `config` says, and follow the pool of the
+    engine the app uses."""
+    global recording  # one switch per process, set at start-up
+    recording = config.metrics
+    if not recording:
         return
     pool = engine.sync_engine.pool
     if not event.contains(pool, "checkout", _checked_out):
@@ -166,7 +170,7 @@ def scrape() -> bytes:
 
 async def reply() -> Response:
     """The text format; in multiprocess mode reading every worker's files, off the loop."""
-    if not settings.metrics:
+    if not recording:
         raise MetricsOffError()
     body = scrape() if MULTIPROCESS_DIR is None else await run_in_threadpool(scrape)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -203,15 +203,17 @@ def test_an_idempotent_replay_is_counted(client: TestClient) -> None:
     assert value(scrape(client), replays) - value(before, replays) == 1
 
 
-def test_with_metrics_off_nothing_is_counted_and_metrics_answer_404(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    before = scrape(client)
-    monkeypatch.setattr(settings, "metrics", False)
+def test_with_metrics_off_nothing_is_counted_and_metrics_answer_404(client: TestClient) -> None:
+    import metrics
+    from db import engine
 
-    assert client.get(f"/invoice/{UNKNOWN_ID}").status_code == 404
-    response = client.get("/metrics")
-    monkeypatch.setattr(settings, "metrics", True)
+    before = scrape(client)
+    metrics.start(engine, settings.model_copy(update={"metrics": False}))  # METRICS=false
+    try:
+        assert client.get(f"/invoice/{UNKNOWN_ID}").status_code == 404
+        response = client.get("/metrics")
+    finally:
+        metrics.start(engine, settings)
 
     assert response.status_code == 404
     assert response.json() == {"detail": "Metrics are off in this service (METRICS=false)"}
