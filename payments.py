@@ -39,6 +39,7 @@ from typing import Annotated
 import anyio
 import httpx
 from fastapi import Depends, Request
+from fastapi.responses import Response
 from loguru import logger
 from pydantic import SecretStr, field_serializer
 from sqlalchemy import Update, bindparam, func, insert, update
@@ -57,13 +58,14 @@ from db import (
     retry_conflicts,
 )
 from errors import ApiError
-from idempotency import IdempotentRequest
+from idempotency import IdempotentRequest, Reply
 from invoices import (
     THIS_INVOICE,
     InvoiceNotFoundError,
     OutcomeUnknownError,
     PaymentInProgressError,
     count_status_change,
+    create_pending_invoice,
     find_invoice,
     get_invoice_or_404,
     lock_invoice,
@@ -73,6 +75,7 @@ from models import (
     CamelModel,
     Card,
     Invoice,
+    InvoiceCreate,
     InvoicePublic,
     InvoiceStatus,
     MaskedCard,
@@ -245,11 +248,18 @@ class PaymentNotUnknownError(PaymentError):
         )
 
 
+# How a payment ends for its client: the invoice PAID, or the error that says what happened.
+Ending = InvoicePublic | PaymentError
+
+
 @dataclass(frozen=True)
 class ChargeResult:
     status: PaymentStatus
     reason: str | None = None
     sent: bool = True  # False: the request never reached the provider, nothing was charged
+
+
+PROVIDER_BUSY = ChargeResult(PaymentStatus.FAILED, "too many payments in flight", sent=False)
 
 
 def outcome_of(status_code: int, body: bytes) -> ChargeResult:
@@ -352,6 +362,8 @@ FakePayDep = Annotated[FakePayClient, Depends(get_fakepay)]
 class ClaimedInvoice:
     invoice: InvoicePublic  # as it was claimed: PENDING, without a card
     payment_id: int
+    card: MaskedCard
+    deduplicates: bool  # whether the provider may be sent this transactionId again
 
 
 # The pay path's statements, built once (building one and its cache key costs more than
@@ -425,9 +437,10 @@ async def claim(
     masked: MaskedCard,
     idempotency: IdempotentRequest,
 ) -> ClaimedInvoice:
-    """Record a PROCESSING attempt for a PENDING invoice with no attempt open, and reserve the
-    request's Idempotency-Key with it. A conflict with a concurrent transaction (nothing was
-    sent yet) is tried again, then answered as the lost race it is."""
+    """Record a PROCESSING attempt for a PENDING invoice with no attempt open, and the
+    request's Idempotency-Key as past the point of no resumption with it. A conflict with a
+    concurrent transaction (nothing was sent yet) is tried again, then answered as the lost
+    race it is."""
     try:
         with idempotency.twin_refused(), open_slot_taken(invoice_id):
             claimed = await retry_conflicts(
@@ -436,7 +449,6 @@ async def claim(
             )
     except DATABASE_UNREACHABLE:
         raise PaymentNotStartedError(invoice_id) from None
-    idempotency.reserved = True
     return claimed
 
 
@@ -478,8 +490,8 @@ async def record_attempt(
                 "card_expiry": masked.expiry,
             },
         )
-        idempotency.reserve(session, invoice_id)
-        return ClaimedInvoice(invoice, recorded.lastrowid)
+        await idempotency.record_payment_started(session, invoice_id)
+        return ClaimedInvoice(invoice, recorded.lastrowid, masked, fakepay.deduplicates)
 
 
 async def free_open_slot(session: AsyncSession, fakepay: FakePayClient, invoice_id: str) -> None:
@@ -501,49 +513,84 @@ async def free_open_slot(session: AsyncSession, fakepay: FakePayClient, invoice_
     logger.warning("invoice {}: attempt {} replaced, its outcome unknown", invoice_id, payment_id)
 
 
+def ending(claimed: ClaimedInvoice, result: ChargeResult, stands: bool) -> Ending:
+    """What the client is told once the outcome is recorded: the invoice PAID with the masked
+    card, or the `PaymentError` that says what happened and what to do."""
+    invoice_id = str(claimed.invoice.id)
+    reason = result.reason or "unknown"
+    if result.status == PaymentStatus.SUCCEEDED:
+        if not stands:
+            return ChargedAfterReplacedError(invoice_id)
+        return claimed.invoice.model_copy(
+            update={"invoice_status": InvoiceStatus.PAID, "card": claimed.card}
+        )
+    if result == PROVIDER_BUSY:
+        return ProviderBusyError(invoice_id)
+    if result.status == PaymentStatus.DECLINED:
+        return PaymentDeclinedError(invoice_id, reason)
+    if result.status == PaymentStatus.UNKNOWN:
+        return ProviderTimeoutError(invoice_id, claimed.payment_id, reason, claimed.deduplicates)
+    return ProviderUnavailableError(invoice_id, reason)
+
+
 async def record_outcome(
-    session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult
-) -> bool:
-    """One transaction that records the outcome on the attempt; whether it stands (False: a
-    later attempt had replaced this one, and a charge is then REFUND_DUE).
+    session: AsyncSession,
+    claimed: ClaimedInvoice,
+    result: ChargeResult,
+    idempotency: IdempotentRequest,
+) -> Ending:
+    """One transaction that records the outcome on the attempt, and the reply under the
+    request's Idempotency-Key; the reply. A later attempt may have replaced this one: a charge
+    is then REFUND_DUE.
 
     A success takes the invoice row first, the lock every claim takes first too, so a settle
     and a claim never deadlock. Recording an outcome the attempt already has is a success:
     that is a retry whose first try committed.
     """
+    async with session.begin():
+        stands = await record_on_attempt(session, claimed, result)
+        reply = ending(claimed, result, stands)
+        await idempotency.record_final(session, Reply.of(reply, 201), sent=result.sent)
+    return reply
+
+
+async def record_on_attempt(
+    session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult
+) -> bool:
+    """The outcome on the attempt, in the caller's transaction; whether it stands (False: a
+    later attempt had replaced this one)."""
     invoice_id = str(claimed.invoice.id)
     attempt = {"invoice_id": invoice_id, "payment_id": claimed.payment_id}
     succeeded = result.status == PaymentStatus.SUCCEEDED
-    async with session.begin():
-        recorded = False
-        if not succeeded or (await execute_core(session, MARK_PAID, attempt)).rowcount:
-            outcome = {
-                **attempt,
-                "outcome": result.status,
-                "outcome_reason": result.reason,
-                "still_unsettled": 1 if result.status == PaymentStatus.UNKNOWN else None,
-                "succeeded": 1 if succeeded else None,
-            }
-            recorded = bool((await execute_core(session, RECORD_OUTCOME, outcome)).rowcount)
-        if succeeded and recorded:
-            await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
-        if recorded:
-            return True
-        current = (await execute_core(session, READ_ATTEMPT, attempt)).scalar_one()
-        if current == result.status:
-            return True
-        if succeeded:
-            await execute_core(session, MARK_REFUND_DUE, attempt)
-            logger.error(
-                "invoice {}: attempt {} was charged after a later attempt had replaced it; "
-                "this charge must be refunded",
-                invoice_id,
-                claimed.payment_id,
-            )
-        elif result.status != PaymentStatus.UNKNOWN:
-            late = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
-            await execute_core(session, RECORD_LATE_OUTCOME, late)
-        return False
+    recorded = False
+    if not succeeded or (await execute_core(session, MARK_PAID, attempt)).rowcount:
+        outcome = {
+            **attempt,
+            "outcome": result.status,
+            "outcome_reason": result.reason,
+            "still_unsettled": 1 if result.status == PaymentStatus.UNKNOWN else None,
+            "succeeded": 1 if succeeded else None,
+        }
+        recorded = bool((await execute_core(session, RECORD_OUTCOME, outcome)).rowcount)
+    if succeeded and recorded:
+        await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
+    if recorded:
+        return True
+    current = (await execute_core(session, READ_ATTEMPT, attempt)).scalar_one()
+    if current == result.status:
+        return True
+    if succeeded:
+        await execute_core(session, MARK_REFUND_DUE, attempt)
+        logger.error(
+            "invoice {}: attempt {} was charged after a later attempt had replaced it; "
+            "this charge must be refunded",
+            invoice_id,
+            claimed.payment_id,
+        )
+    elif result.status != PaymentStatus.UNKNOWN:
+        late = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
+        await execute_core(session, RECORD_LATE_OUTCOME, late)
+    return False
 
 
 async def settle(
@@ -551,19 +598,20 @@ async def settle(
     recorder: "OutcomeRecorder",
     claimed: ClaimedInvoice,
     result: ChargeResult,
-) -> bool:
-    """Record the outcome, retrying through a short outage or a lost race; whether it stands.
+    idempotency: IdempotentRequest,
+) -> Ending:
+    """Record the outcome, retrying through a short outage or a lost race; the reply.
     Past the request's retries the recorder takes it over, and the client is told."""
     for delay in SETTLE_RETRY_DELAYS_S:
         try:
-            return await record_outcome(session, claimed, result)
+            return await record_outcome(session, claimed, result, idempotency)
         except (*DATABASE_UNREACHABLE, TransactionConflictError):
             logger.warning("recording payment of invoice {} failed; retrying", claimed.invoice.id)
             await asyncio.sleep(delay)
     try:
-        return await record_outcome(session, claimed, result)
+        return await record_outcome(session, claimed, result, idempotency)
     except (*DATABASE_UNREACHABLE, TransactionConflictError):
-        recorder.record_later(claimed, result)
+        recorder.record_later(claimed, result, idempotency)
         raise OutcomeNotRecordedError(str(claimed.invoice.id), result.status) from None
 
 
@@ -582,16 +630,22 @@ class OutcomeRecorder:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.waiting: dict[int, tuple[ClaimedInvoice, ChargeResult]] = {}
+        self.waiting: dict[int, tuple[ClaimedInvoice, ChargeResult]] = {}  # by attempt
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def record_later(self, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+    def record_later(
+        self, claimed: ClaimedInvoice, result: ChargeResult, idempotency: IdempotentRequest
+    ) -> None:
+        """Record it in the background, with the reply under the request's Idempotency-Key,
+        which a retry with that key then gets."""
         self.waiting[claimed.payment_id] = (claimed, result)
-        task = asyncio.get_running_loop().create_task(self._record(claimed, result))
+        task = asyncio.get_running_loop().create_task(self._record(claimed, result, idempotency))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _record(self, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+    async def _record(
+        self, claimed: ClaimedInvoice, result: ChargeResult, idempotency: IdempotentRequest
+    ) -> None:
         delay = self.FIRST_DELAY_S
         while True:
             logger.error(
@@ -605,7 +659,7 @@ class OutcomeRecorder:
             await asyncio.sleep(delay)
             try:
                 async with AsyncSession(self.engine) as session:
-                    await record_outcome(session, claimed, result)
+                    await record_outcome(session, claimed, result, idempotency)
             except (*DATABASE_UNREACHABLE, TransactionConflictError):
                 delay = min(delay * 2, self.LONGEST_DELAY_S)
                 continue
@@ -750,7 +804,39 @@ async def resolve_payment(
     return await get_invoice_or_404(session, uuid.UUID(invoice_id))
 
 
+async def create_invoice(
+    session: AsyncSession,
+    fakepay: FakePayClient,
+    recorder: OutcomeRecorder,
+    request: InvoiceCreate,
+    idempotency: IdempotentRequest,
+) -> InvoicePublic | Response:
+    """Create a PENDING invoice and, with a card, pay it; the first reply again for a retry
+    with the same Idempotency-Key, and, for a retry of one whose payment never started, the
+    payment of the invoice it created."""
+    if replay := await idempotency.begin(session, request):
+        return replay
+    invoice = await create_pending_invoice(session, request, idempotency)
+    if request.card is None:
+        return invoice
+    return await charge(session, fakepay, recorder, str(invoice.id), request.card, idempotency)
+
+
 async def pay_invoice(
+    session: AsyncSession,
+    fakepay: FakePayClient,
+    recorder: OutcomeRecorder,
+    invoice_id: str,
+    card: Card,
+    idempotency: IdempotentRequest,
+) -> InvoicePublic | Response:
+    """Pay a PENDING invoice; the first reply again for a retry with the same Idempotency-Key."""
+    if replay := await idempotency.begin(session, card):
+        return replay
+    return await charge(session, fakepay, recorder, invoice_id, card, idempotency)
+
+
+async def charge(
     session: AsyncSession,
     fakepay: FakePayClient,
     recorder: OutcomeRecorder,
@@ -763,38 +849,24 @@ async def pay_invoice(
     masked = card.masked()
     claimed = await claim(session, fakepay, invoice_id, masked, idempotency)
     with fakepay.slot() as acquired:
-        if not acquired:
-            busy = ChargeResult(PaymentStatus.FAILED, "too many payments in flight", sent=False)
-            await settle(session, recorder, claimed, busy)
-            raise ProviderBusyError(invoice_id)
-        logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
-        started = time.perf_counter()
-        result = await charge_once(fakepay, invoice_id, card)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-    idempotency.charge_sent = result.sent
-    idempotency.changed = idempotency.changed or result.sent
-    logger.info(
-        "payment outcome: invoice {} {} ({}) in {:.0f} ms",
-        invoice_id,
-        result.status,
-        result.reason or "ok",
-        elapsed_ms,
-    )
-    if (
-        not await settle(session, recorder, claimed, result)
-        and result.status == PaymentStatus.SUCCEEDED
-    ):
-        raise ChargedAfterReplacedError(invoice_id)
-    if result.status == PaymentStatus.SUCCEEDED:
-        return claimed.invoice.model_copy(
-            update={"invoice_status": InvoiceStatus.PAID, "card": masked}
-        )
-    reason = result.reason or "unknown"
-    if result.status == PaymentStatus.DECLINED:
-        raise PaymentDeclinedError(invoice_id, reason)
-    if result.status == PaymentStatus.UNKNOWN:
-        raise ProviderTimeoutError(invoice_id, claimed.payment_id, reason, fakepay.deduplicates)
-    raise ProviderUnavailableError(invoice_id, reason)
+        if acquired:
+            logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
+            started = time.perf_counter()
+            result = await charge_once(fakepay, invoice_id, card)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            logger.info(
+                "payment outcome: invoice {} {} ({}) in {:.0f} ms",
+                invoice_id,
+                result.status,
+                result.reason or "ok",
+                elapsed_ms,
+            )
+        else:
+            result = PROVIDER_BUSY
+    reply = await settle(session, recorder, claimed, result, idempotency)
+    if isinstance(reply, PaymentError):
+        raise reply
+    return reply
 
 
 async def charge_once(fakepay: FakePayClient, invoice_id: str, card: Card) -> ChargeResult:
