@@ -184,7 +184,12 @@ class IdempotentRequest:
         )
 
     def _add_row(
-        self, session: AsyncSession, invoice_id: str, point: str | None, reply: Reply | None
+        self,
+        session: AsyncSession,
+        invoice_id: str,
+        point: str | None,
+        reply: Reply | None,
+        payment_id: int | None = None,
     ) -> None:
         assert self.key is not None
         session.add(
@@ -194,6 +199,7 @@ class IdempotentRequest:
                 fingerprint=self.fingerprint,
                 invoice_id=invoice_id,
                 recovery_point=point,
+                payment_id=payment_id,
                 response_status=None if reply is None else reply.status_code,
                 response_body=None if reply is None else reply.body,
                 expires_at=now() + timedelta(hours=settings.idempotency_ttl_hours),
@@ -213,33 +219,47 @@ class IdempotentRequest:
             self._add_row(session, invoice_id, INVOICE_CREATED, None)
             self.created_invoice_id = invoice_id
 
-    async def record_payment_started(self, session: AsyncSession, invoice_id: str) -> None:
-        """In the claim's transaction: from here a charge may be sent, and the request cannot
-        be resumed, only finished. A create's key moves on from `invoice_created`, and only
-        one request can move it (a twin finds it moved: the key is in use)."""
+    async def record_payment_started(
+        self, session: AsyncSession, invoice_id: str, payment_id: int
+    ) -> None:
+        """In the claim's transaction, with the attempt `payment_id` it records: from here a
+        charge may be sent, and the request cannot be resumed, only finished. A create's key
+        moves on from `invoice_created`, and only one request can move it (a twin finds it
+        moved: the key is in use)."""
         if self.key is None:
             return
         if self.created_invoice_id != invoice_id:
-            self._add_row(session, invoice_id, PAYMENT_STARTED, None)
+            self._add_row(session, invoice_id, PAYMENT_STARTED, None, payment_id)
             return
         moved = await session.exec(
             update(IdempotencyRecord)
             .where(self._this_key(), col(IdempotencyRecord.recovery_point) == INVOICE_CREATED)
-            .values(recovery_point=PAYMENT_STARTED, created_at=now())
+            .values(recovery_point=PAYMENT_STARTED, payment_id=payment_id, created_at=now())
         )
         if not moved.rowcount:
             raise IdempotencyKeyInUseError()
 
-    async def record_final(self, session: AsyncSession, reply: Reply, *, sent: bool) -> None:
-        """In the transaction that records the payment's outcome: the reply is stored with
-        it. If no charge was sent, the reply asks for a retry and is not stored: a create's
-        key goes back to `invoice_created`, a payment's key is dropped."""
+    async def record_final(
+        self, session: AsyncSession, payment_id: int, reply: Reply, *, sent: bool
+    ) -> None:
+        """In the transaction that records the outcome of attempt `payment_id`: the reply is
+        stored with it. If no charge was sent, the reply asks for a retry and is not stored:
+        a create's key goes back to `invoice_created`, a payment's key is dropped.
+
+        Only while the row is still that attempt's, unanswered: an outcome recorded late (a
+        retry after a lost acknowledgement, the background recorder) must not touch the row
+        of a later request with the same key."""
         if self.key is None:
             return
+        mine = (
+            self._this_key(),
+            col(IdempotencyRecord.payment_id) == payment_id,
+            col(IdempotencyRecord.response_status).is_(None),
+        )
         if sent:
             statement: Any = (
                 update(IdempotencyRecord)
-                .where(self._this_key())
+                .where(*mine)
                 .values(
                     recovery_point=None,
                     response_status=reply.status_code,
@@ -249,12 +269,17 @@ class IdempotentRequest:
         elif self.created_invoice_id is not None:
             statement = (
                 update(IdempotencyRecord)
-                .where(self._this_key())
-                .values(recovery_point=INVOICE_CREATED)
+                .where(*mine)
+                .values(recovery_point=INVOICE_CREATED, payment_id=None)
             )
         else:
-            statement = delete(IdempotencyRecord).where(self._this_key())
-        await session.exec(statement)
+            statement = delete(IdempotencyRecord).where(*mine)
+        if not (await session.exec(statement)).rowcount:
+            logger.info(
+                "Idempotency-Key {}: already answered, or taken by a later request than attempt {}",
+                self.key,
+                payment_id,
+            )
 
     @contextmanager
     def twin_refused(self) -> Iterator[None]:

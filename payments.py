@@ -430,9 +430,24 @@ def open_attempt(stale_after_s: int) -> Select[int | None, str, bool]:
     ).where(col(Payment.invoice_id) == bindparam("invoice_id"), HOLDS_OPEN_SLOT)
 
 
+class ClaimUnconfirmedError(Exception):
+    """The claim's COMMIT may or may not have reached the server: its attempt may exist."""
+
+    def __init__(self, claimed: ClaimedInvoice) -> None:
+        super().__init__(f"claim of invoice {claimed.invoice.id} unconfirmed")
+        self.claimed = claimed
+
+
+# How a claim whose COMMIT went unconfirmed ends: its attempt, if it exists, sent nothing.
+CLAIM_UNCONFIRMED = ChargeResult(
+    PaymentStatus.FAILED, "the database did not confirm the claim; nothing was sent", sent=False
+)
+
+
 async def claim(
     session: AsyncSession,
     fakepay: FakePayClient,
+    recorder: "OutcomeRecorder",
     invoice_id: str,
     masked: MaskedCard,
     idempotency: IdempotentRequest,
@@ -440,13 +455,18 @@ async def claim(
     """Record a PROCESSING attempt for a PENDING invoice with no attempt open, and the
     request's Idempotency-Key as past the point of no resumption with it. A conflict with a
     concurrent transaction (nothing was sent yet) is tried again, then answered as the lost
-    race it is."""
+    race it is. A COMMIT whose acknowledgement never came may have recorded the attempt: the
+    recorder ends it FAILED (nothing was sent) once the database answers, which frees the
+    invoice and the key for the retry the client is told to make."""
     try:
         with idempotency.twin_refused(), open_slot_taken(invoice_id):
             claimed = await retry_conflicts(
                 session,
                 lambda: record_attempt(session, fakepay, invoice_id, masked, idempotency),
             )
+    except ClaimUnconfirmedError as unconfirmed:
+        recorder.record_later(unconfirmed.claimed, CLAIM_UNCONFIRMED, idempotency)
+        raise PaymentNotStartedError(invoice_id) from None
     except DATABASE_UNREACHABLE:
         raise PaymentNotStartedError(invoice_id) from None
     return claimed
@@ -472,26 +492,45 @@ async def record_attempt(
     idempotency: IdempotentRequest,
 ) -> ClaimedInvoice:
     """The claim's one transaction, ended by its commit."""
-    async with session.begin():
-        claimed = await execute_core(session, CLAIM_INVOICE, {"invoice_id": invoice_id})
-        invoice = await find_invoice(session, invoice_id) if claimed.rowcount else None
-        if invoice is None:
-            raise InvoiceNotFoundError(invoice_id)
-        if invoice.invoice_status != InvoiceStatus.PENDING:
-            raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
-        await free_open_slot(session, fakepay, invoice_id)
-        recorded = await execute_core(
-            session,
-            RECORD_ATTEMPT,
-            {
-                "invoice_id": invoice_id,
-                "card_number": masked.number,
-                "card_name": masked.name,
-                "card_expiry": masked.expiry,
-            },
-        )
-        await idempotency.record_payment_started(session, invoice_id)
-        return ClaimedInvoice(invoice, recorded.lastrowid, masked, fakepay.deduplicates)
+    claimed: ClaimedInvoice | None = None
+    try:
+        async with session.begin():
+            claimed = await claim_in_transaction(session, fakepay, invoice_id, masked, idempotency)
+    except DATABASE_UNREACHABLE:
+        if claimed is None:
+            raise  # before the COMMIT: nothing was recorded
+        raise ClaimUnconfirmedError(claimed) from None
+    return claimed
+
+
+async def claim_in_transaction(
+    session: AsyncSession,
+    fakepay: FakePayClient,
+    invoice_id: str,
+    masked: MaskedCard,
+    idempotency: IdempotentRequest,
+) -> ClaimedInvoice:
+    """The claim's statements: lock and read the invoice, free or refuse its open slot, record
+    the attempt and advance the key."""
+    claimed = await execute_core(session, CLAIM_INVOICE, {"invoice_id": invoice_id})
+    invoice = await find_invoice(session, invoice_id) if claimed.rowcount else None
+    if invoice is None:
+        raise InvoiceNotFoundError(invoice_id)
+    if invoice.invoice_status != InvoiceStatus.PENDING:
+        raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
+    await free_open_slot(session, fakepay, invoice_id)
+    recorded = await execute_core(
+        session,
+        RECORD_ATTEMPT,
+        {
+            "invoice_id": invoice_id,
+            "card_number": masked.number,
+            "card_name": masked.name,
+            "card_expiry": masked.expiry,
+        },
+    )
+    await idempotency.record_payment_started(session, invoice_id, recorded.lastrowid)
+    return ClaimedInvoice(invoice, recorded.lastrowid, masked, fakepay.deduplicates)
 
 
 async def free_open_slot(session: AsyncSession, fakepay: FakePayClient, invoice_id: str) -> None:
@@ -550,7 +589,9 @@ async def record_outcome(
     async with session.begin():
         stands = await record_on_attempt(session, claimed, result)
         reply = ending(claimed, result, stands)
-        await idempotency.record_final(session, Reply.of(reply, 201), sent=result.sent)
+        await idempotency.record_final(
+            session, claimed.payment_id, Reply.of(reply, 201), sent=result.sent
+        )
     return reply
 
 
@@ -576,9 +617,11 @@ async def record_on_attempt(
         await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
     if recorded:
         return True
-    current = (await execute_core(session, READ_ATTEMPT, attempt)).scalar_one()
+    current = (await execute_core(session, READ_ATTEMPT, attempt)).scalar_one_or_none()
     if current == result.status:
         return True
+    if current is None:  # an unconfirmed claim that was never committed: nothing to record
+        return False
     if succeeded:
         await execute_core(session, MARK_REFUND_DUE, attempt)
         logger.error(
@@ -847,7 +890,7 @@ async def charge(
     """Charge `card` for a PENDING invoice once, answering the invoice PAID with the masked
     card; raise a `PaymentError` for every other end."""
     masked = card.masked()
-    claimed = await claim(session, fakepay, invoice_id, masked, idempotency)
+    claimed = await claim(session, fakepay, recorder, invoice_id, masked, idempotency)
     with fakepay.slot() as acquired:
         if acquired:
             logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)

@@ -1,5 +1,6 @@
 """Idempotency-Key: a retried request gets the first reply again and runs nothing twice."""
 
+import asyncio
 import threading
 import uuid
 from collections import Counter
@@ -12,7 +13,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from db import make_engine
+from idempotency import PAYMENT_STARTED, IdempotentRequest, Reply
 from models import IdempotencyRecord
 from scripts.processes import Running
 from tests.stand_in import StandInProvider, refusing_provider_url
@@ -30,10 +34,12 @@ from tests.support import (
     invoices_described,
     paying_behind,
     serving_behind,
+    settings,
     wait_until,
 )
 from tests.tcp_proxy import TcpProxy
 
+HOUR = timedelta(hours=1)
 ANY_INVOICE = {"jobDescription": "Keyed", "amount": 1, "customerId": 1}
 
 
@@ -437,3 +443,54 @@ def test_an_outcome_recorded_after_its_request_is_the_reply_its_key_replays(
     assert retried.headers["idempotent-replayed"] == "true"
     assert retried.json()["invoiceStatus"] == "PAID"
     assert len(pay.provider.requests_for(pay.invoice_id)) == 1
+
+
+def test_a_pay_whose_claim_went_unacknowledged_is_paid_by_its_retry(
+    database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
+) -> None:
+    """The claim's COMMIT reached the server, its OK did not (503, nothing sent): the process
+    ends that attempt FAILED once the database answers, and frees the key, so the retry the
+    client was told to make pays, once."""
+    key = new_key()
+    with serving_behind(database_proxy, tmp_path / "app.log", fakepay.url) as http:
+        invoice_id = create_pending_invoice(http)
+        pay = f"/invoice/pay/{invoice_id}"
+        database_proxy.drop_reply_to(b"COMMIT", after=KEY_ROW)
+        lost = http.post(pay, json=WORK_CARD, headers=keyed(key))
+        wait_until(lambda: stored_key(key) is None, "the unconfirmed claim to end", 20, 0.2)
+        retried = http.post(pay, json=WORK_CARD, headers=keyed(key))
+
+    assert lost.status_code == 503
+    assert "was not charged" in lost.json()["detail"]
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["invoiceStatus"] == "PAID"
+    assert [status for status, _ in attempts(invoice_id)] == ["FAILED", "SUCCEEDED"]
+    assert len(fakepay.requests_for(invoice_id)) == 1
+
+
+@pytest.mark.parametrize("sent", [True, False], ids=["reply", "rewind"])
+def test_a_late_outcome_leaves_a_later_requests_key_row_alone(database: None, sent: bool) -> None:
+    """An outcome recorded late (a settle retried after a lost acknowledgement, or the
+    background recorder) for attempt 1, after a later request with the same key took the row
+    for attempt 2: the row stays attempt 2's, to be answered by its own outcome."""
+    key = new_key()
+    insert_key(key, recovery_point=PAYMENT_STARTED, payment_id=2, expires_at=utc_now() + HOUR)
+
+    async def record_late_outcome() -> None:
+        engine = make_engine(settings)
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                late = IdempotentRequest(key=key)
+                await late.record_final(session, 1, Reply(201, "{}"), sent=sent)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(record_late_outcome())
+
+    record = stored_key(key)
+    assert record is not None
+    assert (record.recovery_point, record.payment_id, record.response_status) == (
+        PAYMENT_STARTED,
+        2,
+        None,
+    )
