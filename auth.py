@@ -197,7 +197,6 @@ async def authorize(
             f"API key {key.name} may only read; {request.method} needs a write key",
         )
     keys.note_use(key)
-    request.state.api_key = key
     return key
 
 

@@ -1,23 +1,28 @@
 """Idempotency-Key: a retried request gets the first reply again instead of running twice.
 
-Stripe's semantics with the IETF httpapi draft's header. The lifecycle of one key:
+Stripe's semantics with the IETF httpapi draft's header, and rocket-rides-atomic's design: the
+key's row records how far its request got (`recovery_point`), and every step that changes
+something advances it in the same transaction as the change, so the row can never say more or
+less than the database holds. `IdempotentRequest` is that row's lifecycle, driven by the domain:
 
-1. `replay` (the route, before doing anything): a finished reply under the key is returned as
-   it was, marked `Idempotent-Replayed: true`; the same key on another request is a 422; a
-   request still running under it is a 409 with `Retry-After`.
-2. `reserve` (the domain, inside the transaction of the request's first change: the invoice
-   insert, or the payment attempt of a claim): the key row is written with that change, so a
-   crash can never leave one without the other. A concurrent twin blocks on the row's unique
-   key and then fails with `IdempotencyKeyInUseError`, its own change rolled back.
-3. `IdempotencyMiddleware` (after the reply): the reply is stored in the row if the request
-   changed something (`changed`: an invoice was created or a charge was sent); otherwise the
-   row is dropped and the key may be used again. A reply that asks the client to try again
-   (a 503, or any reply with Retry-After) is never stored as final: a create whose payment
-   could not start records its recovery point (`invoice_created`), and the retry with the
-   same key resumes there, paying the invoice it already created.
+1. `begin`, before anything else: a finished reply under the key is returned as it was
+   (`Idempotent-Replayed: true`); the same key on another request is a 422; a request still
+   running under it is a 409 with `Retry-After`; a request that stopped after creating its
+   invoice (`invoice_created`) is resumed: this one pays the invoice it created.
+2. `record_reply`, `record_invoice_created`, `record_payment_started`: the key row is written
+   in the transaction of the request's first change (the invoice insert, the cancel, or the
+   payment attempt of a claim) and moved on by the next; a concurrent twin fails on the row's
+   unique key (`twin_refused`) and its change is rolled back.
+3. `record_final`, in the transaction that records the payment's outcome (or, for the
+   background recorder, in the one that records it late): the reply is stored with it. An
+   outcome that asks the client to try again (the provider was busy, nothing was sent) is not
+   a reply: the key goes back to where a retry resumes (`invoice_created`), or, for a payment
+   alone, is dropped so the key may be used again.
 
-A row is kept `IDEMPOTENCY_TTL_HOURS`, then purged. Fingerprints cover the method, the path and
-the validated body with the card number masked, so no hash of a card number is ever stored.
+A request that changes nothing (a 404, a 409 about the invoice's state, a validation error)
+writes no row. A row is kept `IDEMPOTENCY_TTL_HOURS`, then purged. Fingerprints cover the
+method, the path and the validated body with the card number masked, so no hash of a card
+number is ever stored.
 """
 
 import asyncio
@@ -31,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, delete, update
@@ -39,19 +44,21 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 from sqlmodel.ext.asyncio.session import AsyncSession
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import metrics
 from api_docs import invalid
-from db import DATABASE_UNREACHABLE, TransactionConflictError, engine, is_duplicate_key
+from auth import KnownKey, authorize
+from db import DATABASE_UNREACHABLE, TransactionConflictError, duplicate_key_name
 from errors import ApiError
 from models import Card, IdempotencyRecord, InvoiceCreate
 from settings import settings
 
 HEADER = "Idempotency-Key"
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
-STATE_KEY = "idempotency"
-INVOICE_CREATED = "invoice_created"  # the recovery point of a create whose payment must resume
+# The recovery points: the invoice is created, its payment may be resumed; a charge may have
+# been sent, the request must finish (or a later one read the invoice).
+INVOICE_CREATED = "invoice_created"
+PAYMENT_STARTED = "payment_started"
 
 
 class IdempotencyError(ApiError):
@@ -102,6 +109,25 @@ def fingerprint(method: str, path: str, body: BaseModel | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A reply as the client receives it: what a key stores, and what a replay sends."""
+
+    status_code: int
+    body: str
+
+    @classmethod
+    def of(cls, outcome: BaseModel | ApiError, status_code: int = 200) -> "Reply":
+        """The reply the app sends for `outcome`: a response model (by alias, as the routes
+        serialize it) with `status_code`, or an error with its own status and detail."""
+        if isinstance(outcome, ApiError):
+            content: Any = {"detail": outcome.message}
+            status_code = outcome.status_code
+        else:
+            content = outcome.model_dump(mode="json", by_alias=True)
+        return cls(status_code, bytes(JSONResponse(content).body).decode())
+
+
 @dataclass
 class IdempotentRequest:
     """The Idempotency-Key of one request, or none (`key is None`: every method is a no-op)."""
@@ -111,14 +137,14 @@ class IdempotentRequest:
     method: str = "POST"
     path: str = ""
     fingerprint: str = ""
-    reserved: bool = False  # this request wrote the key row
-    changed: bool = False  # this request created an invoice or sent a charge
-    charge_sent: bool = False  # this request sent a charge to the provider
-    resumed_invoice_id: str | None = None  # a retry resuming after the invoice was created
+    # The invoice that this key's request created, once its row says so (this request, or
+    # the earlier one that `begin` resumes).
+    created_invoice_id: str | None = None
     stale_after: timedelta = field(default=timedelta(minutes=5))
 
-    async def replay(self, session: AsyncSession, body: BaseModel | None) -> Response | None:
-        """The stored reply for this key, if there is one; raise if the key cannot be used."""
+    async def begin(self, session: AsyncSession, body: BaseModel | None) -> Response | None:
+        """The stored reply for this key, if there is one; raise if the key cannot be used;
+        None to go on (and, for a create that stopped after its invoice, to resume it)."""
         if self.key is None:
             return None
         self.fingerprint = fingerprint(self.method, self.path, body)
@@ -136,90 +162,143 @@ class IdempotentRequest:
                 "use a new key for a new request",
                 kind="idempotency_key_reused",
             )
-        if record.recovery_point == INVOICE_CREATED:
-            await self.resume(record)
-            return None
-        if record.response_status is None or record.response_body is None:
-            started = record.created_at or now()
-            if now() - started > self.stale_after:
-                raise IdempotentRequestUnfinishedError(record.invoice_id)
-            raise IdempotencyKeyInUseError()
-        metrics.count_idempotent_replay()
-        return Response(
-            record.response_body,
-            status_code=record.response_status,
-            media_type="application/json",
-            headers={"Idempotent-Replayed": "true"},
-        )
-
-    async def resume(self, record: IdempotencyRecord) -> None:
-        """Take over a key whose request ended asking for a retry, after creating its invoice:
-        this request goes on from there. Two retries at once: one resumes, one waits."""
-        async with AsyncSession(engine) as session, session.begin():
-            taken = await session.exec(
-                update(IdempotencyRecord)
-                .where(self._this_key(), col(IdempotencyRecord.recovery_point) == INVOICE_CREATED)
-                .values(recovery_point=None, created_at=now())
+        if record.response_status is not None and record.response_body is not None:
+            metrics.count_idempotent_replay()
+            return Response(
+                record.response_body,
+                status_code=record.response_status,
+                media_type="application/json",
+                headers={"Idempotent-Replayed": "true"},
             )
-        if not taken.rowcount:
-            raise IdempotencyKeyInUseError()
-        self.reserved = self.changed = True
-        self.resumed_invoice_id = record.invoice_id
+        if record.recovery_point == INVOICE_CREATED:
+            # Its payment never started; two retries at once both go on, and the database
+            # lets one of them start it (`record_payment_started`).
+            self.created_invoice_id = record.invoice_id
+            return None
+        started = record.created_at or now()
+        if now() - started > self.stale_after:
+            raise IdempotentRequestUnfinishedError(record.invoice_id)
+        raise IdempotencyKeyInUseError()
 
     def _this_key(self) -> ColumnElement[bool]:
         return (col(IdempotencyRecord.owner) == self.owner) & (
             col(IdempotencyRecord.idempotency_key) == self.key
         )
 
-    def reserve(self, session: AsyncSession, invoice_id: str) -> None:
-        """Add the key row to the transaction that makes this request's first change."""
-        if self.key is None or self.reserved:
-            return
+    def _add_row(
+        self,
+        session: AsyncSession,
+        invoice_id: str,
+        point: str | None,
+        reply: Reply | None,
+        payment_id: int | None = None,
+    ) -> None:
+        assert self.key is not None
         session.add(
             IdempotencyRecord(
                 owner=self.owner,
                 idempotency_key=self.key,
                 fingerprint=self.fingerprint,
                 invoice_id=invoice_id,
+                recovery_point=point,
+                payment_id=payment_id,
+                response_status=None if reply is None else reply.status_code,
+                response_body=None if reply is None else reply.body,
                 expires_at=now() + timedelta(hours=settings.idempotency_ttl_hours),
             )
         )
 
+    def record_reply(self, session: AsyncSession, invoice_id: str, reply: Reply) -> None:
+        """In the transaction of a change that is the whole request (a create without a card,
+        a cancel): the key row, finished, with its reply."""
+        if self.key is not None:
+            self._add_row(session, invoice_id, None, reply)
+
+    def record_invoice_created(self, session: AsyncSession, invoice_id: str) -> None:
+        """In the transaction that creates the invoice a payment will follow: a retry after
+        this resumes with the payment."""
+        if self.key is not None:
+            self._add_row(session, invoice_id, INVOICE_CREATED, None)
+            self.created_invoice_id = invoice_id
+
+    async def record_payment_started(
+        self, session: AsyncSession, invoice_id: str, payment_id: int
+    ) -> None:
+        """In the claim's transaction, with the attempt `payment_id` it records: from here a
+        charge may be sent, and the request cannot be resumed, only finished. A create's key
+        moves on from `invoice_created`, and only one request can move it (a twin finds it
+        moved: the key is in use)."""
+        if self.key is None:
+            return
+        if self.created_invoice_id != invoice_id:
+            self._add_row(session, invoice_id, PAYMENT_STARTED, None, payment_id)
+            return
+        moved = await session.exec(
+            update(IdempotencyRecord)
+            .where(self._this_key(), col(IdempotencyRecord.recovery_point) == INVOICE_CREATED)
+            .values(recovery_point=PAYMENT_STARTED, payment_id=payment_id, created_at=now())
+        )
+        if not moved.rowcount:
+            raise IdempotencyKeyInUseError()
+
+    async def record_final(
+        self, session: AsyncSession, payment_id: int, reply: Reply, *, sent: bool
+    ) -> None:
+        """In the transaction that records the outcome of attempt `payment_id`: the reply is
+        stored with it. If no charge was sent, the reply asks for a retry and is not stored:
+        a create's key goes back to `invoice_created`, a payment's key is dropped.
+
+        Only while the row is still that attempt's, unanswered: an outcome recorded late (a
+        retry after a lost acknowledgement, the background recorder) must not touch the row
+        of a later request with the same key."""
+        if self.key is None:
+            return
+        mine = (
+            self._this_key(),
+            col(IdempotencyRecord.payment_id) == payment_id,
+            col(IdempotencyRecord.response_status).is_(None),
+        )
+        if sent:
+            statement: Any = (
+                update(IdempotencyRecord)
+                .where(*mine)
+                .values(
+                    recovery_point=None,
+                    response_status=reply.status_code,
+                    response_body=reply.body,
+                )
+            )
+        elif self.created_invoice_id is not None:
+            statement = (
+                update(IdempotencyRecord)
+                .where(*mine)
+                .values(recovery_point=INVOICE_CREATED, payment_id=None)
+            )
+        else:
+            statement = delete(IdempotencyRecord).where(*mine)
+        if not (await session.exec(statement)).rowcount:
+            logger.info(
+                "Idempotency-Key {}: already answered, or taken by a later request than attempt {}",
+                self.key,
+                payment_id,
+            )
+
     @contextmanager
     def twin_refused(self) -> Iterator[None]:
-        """Around the commit of a transaction that reserved this key: failing on the key's
-        row means a twin request holds it, and is `IdempotencyKeyInUseError`. (The other rows
-        such a commit inserts have generated keys, which cannot collide.)"""
+        """Around the commit of a transaction that writes this key's row: failing on the
+        row's primary key means a twin request holds the key (`IdempotencyKeyInUseError`).
+        The other rows such a commit inserts have generated keys, which cannot collide."""
         try:
             yield
         except IntegrityError as error:
-            if self.key is not None and not self.reserved and is_duplicate_key(error):
+            if self.key is not None and duplicate_key_name(error) == "PRIMARY":
                 raise IdempotencyKeyInUseError() from None
             raise
-
-    async def finish(self, status_code: int, body: bytes, asks_retry: bool) -> None:
-        """Store the reply under the key; drop the key if the request changed nothing. A reply
-        asking for a retry is not final: after creating an invoice (and sending no charge) the
-        key records where to resume; after a charge was sent it stays unfinished, naming its
-        invoice, for the retry to read."""
-        where = self._this_key()
-        async with AsyncSession(engine) as session, session.begin():
-            if not self.changed:
-                await session.exec(delete(IdempotencyRecord).where(where))
-            elif not asks_retry:
-                await session.exec(
-                    update(IdempotencyRecord)
-                    .where(where)
-                    .values(response_status=status_code, response_body=body.decode())
-                )
-            elif not self.charge_sent:
-                await session.exec(
-                    update(IdempotencyRecord).where(where).values(recovery_point=INVOICE_CREATED)
-                )
 
 
 async def idempotent_request(
     request: Request,
+    api_key: Annotated[KnownKey | None, Depends(authorize)],
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -231,6 +310,7 @@ async def idempotent_request(
         ),
     ] = None,
 ) -> IdempotentRequest:
+    """Keys are per API key (with AUTH=on): two clients may use the same key independently."""
     if idempotency_key is None:
         return IdempotentRequest()
     key = idempotency_key
@@ -240,69 +320,16 @@ async def idempotent_request(
         raise invalid(
             ("header", HEADER), f"{HEADER} must be 1-255 visible ASCII characters (no spaces)"
         )
-    api_key = getattr(request.state, "api_key", None)  # set by auth.authorize when AUTH=on
-    idempotent = IdempotentRequest(
+    return IdempotentRequest(
         key=key,
         owner="" if api_key is None else f"api-key:{api_key.id}",
         method=request.method,
         path=request.url.path,
         stale_after=timedelta(seconds=settings.payment_stale_after_s),
     )
-    request.state.idempotency = idempotent
-    return idempotent
 
 
 IdempotencyDep = Annotated[IdempotentRequest, Depends(idempotent_request)]
-
-
-class IdempotencyMiddleware:
-    """Stores the reply of a request that reserved an Idempotency-Key, before sending it.
-
-    Storing first means a client that retries the moment it has the reply finds it stored.
-    Requests without a reserved key pass straight through.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        held: list[Message] = []
-
-        async def hold(message: Message) -> None:
-            idempotent = scope.get("state", {}).get(STATE_KEY)
-            if not (isinstance(idempotent, IdempotentRequest) and idempotent.reserved):
-                for earlier in held:
-                    await send(earlier)
-                held.clear()
-                await send(message)
-                return
-            held.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                start, *chunks = held
-                body = b"".join(chunk.get("body", b"") for chunk in chunks)
-                await store(idempotent, start["status"], body, asks_retry(start))
-                for pending in held:
-                    await send(pending)
-                held.clear()
-
-        await self.app(scope, receive, hold)
-
-
-def asks_retry(start: Message) -> bool:
-    """A reply that tells the client to try again: a 503, or any reply with Retry-After."""
-    headers = {name.lower() for name, _ in start.get("headers", [])}
-    return start["status"] == 503 or b"retry-after" in headers
-
-
-async def store(idempotent: IdempotentRequest, status_code: int, body: bytes, retry: bool) -> None:
-    try:
-        await idempotent.finish(status_code, body, retry)
-    except DATABASE_UNREACHABLE:
-        # The key row stays unfinished: a retry gets a 409 naming the invoice to read.
-        logger.error("the reply to Idempotency-Key {} could not be stored", idempotent.key)
 
 
 async def purge_expired_keys(session: AsyncSession, batch: int = 1000) -> int:

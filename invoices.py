@@ -13,6 +13,7 @@ from functools import cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Query
+from fastapi.responses import Response
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
 from pydantic import BeforeValidator
@@ -37,7 +38,7 @@ from api_docs import invalid
 from customers import CustomerNotFoundError
 from db import execute_core, retry_conflicts
 from errors import ApiError
-from idempotency import IdempotentRequest
+from idempotency import IdempotentRequest, Reply
 from models import (
     Customer,
     Invoice,
@@ -383,44 +384,47 @@ CREATE_INVOICE = insert(Invoice.metadata.tables["invoice"])
 async def create_pending_invoice(
     session: AsyncSession, request: InvoiceCreate, idempotency: IdempotentRequest
 ) -> InvoicePublic:
-    """Insert a PENDING invoice, count it, and reserve the request's Idempotency-Key, all in
-    one transaction. The reply is made from what was sent: nothing the server wrote (such as
-    the creation time) needs reading back. A retry with the Idempotency-Key of a create whose
-    payment could not start gets the invoice that create made, to pay."""
-    if idempotency.resumed_invoice_id is not None:
-        created = await get_invoice_or_404(session, uuid.UUID(idempotency.resumed_invoice_id))
+    """Insert a PENDING invoice, count it, and record the request's Idempotency-Key, all in
+    one transaction: with a card, as the point a retry resumes from; without, with the reply.
+    The reply is made from what was sent: nothing the server wrote (such as the creation
+    time) needs reading back. A retry that resumes a create gets the invoice it made, to pay."""
+    if idempotency.created_invoice_id is not None:
+        created = await get_invoice_or_404(session, uuid.UUID(idempotency.created_invoice_id))
         await session.commit()  # end the read: the payment's claim begins its own transaction
         return created
     values = request.model_dump(include={"job_description", "amount", "customer_id"})
 
-    async def insert_and_count() -> tuple[str, Customer]:
+    async def insert_and_count() -> InvoicePublic:
         customer = await session.get(Customer, request.customer_id)
         if customer is None:
             raise CustomerNotFoundError(request.customer_id)
         invoice_id = str(uuid7())
         await execute_core(session, CREATE_INVOICE, {"id": invoice_id, **values})
         await execute_core(session, COUNT_CREATED, {})
-        idempotency.reserve(session, invoice_id)
+        created = InvoicePublic.model_construct(
+            id=uuid.UUID(invoice_id),
+            **values,
+            customer_name=customer.customer_name,
+            customer_email=customer.customer_email,
+            invoice_status=InvoiceStatus.PENDING,
+        )
+        if request.card is None:
+            idempotency.record_reply(session, invoice_id, Reply.of(created, 201))
+        else:
+            idempotency.record_invoice_created(session, invoice_id)
         with idempotency.twin_refused():
             await session.commit()
-        return invoice_id, customer
+        return created
 
     # A lost race here (on a cluster: a counts shard or the key row written on another node
     # at the same moment) changed nothing; run again, a twin's committed key row is then a
     # duplicate key, answered as the key in use.
-    invoice_id, customer = await retry_conflicts(session, insert_and_count)
-    idempotency.reserved = idempotency.changed = True
-    add_log_fields(invoice_id=invoice_id)
+    created = await retry_conflicts(session, insert_and_count)
+    add_log_fields(invoice_id=created.id)
     logger.info(
-        "invoice {} created for customer {}: {}", invoice_id, request.customer_id, request.amount
+        "invoice {} created for customer {}: {}", created.id, request.customer_id, request.amount
     )
-    return InvoicePublic.model_construct(
-        id=uuid.UUID(invoice_id),
-        **values,
-        customer_name=customer.customer_name,
-        customer_email=customer.customer_email,
-        invoice_status=InvoiceStatus.PENDING,
-    )
+    return created
 
 
 def to_utc(value: object) -> object:
@@ -476,11 +480,13 @@ InvoiceFilterDep = Annotated[InvoiceFilter, Depends(invoice_filter)]
 
 async def cancel_invoice(
     session: AsyncSession, invoice_id: uuid.UUID, idempotency: IdempotentRequest
-) -> InvoicePublic:
+) -> InvoicePublic | Response:
     """PENDING -> CANCELLED under the invoice row lock, the lock a payment's claim takes too,
     so a cancel and a pay of one invoice never both succeed. Cancelling again changes nothing.
-    The reply is read inside the same transaction: once the cancel is committed, nothing is
-    left that could fail and leave its client unsure."""
+    The reply is read, and stored under the Idempotency-Key, inside the same transaction:
+    once the cancel is committed, nothing is left that could fail and leave its client unsure."""
+    if replay := await idempotency.begin(session, None):
+        return replay
     key = str(invoice_id)
 
     async def cancel_once() -> tuple[InvoicePublic, bool]:
@@ -498,14 +504,15 @@ async def cancel_invoice(
                     await refuse_if_payment_unsettled(session, key)
                     await execute_core(session, CANCEL_INVOICE, {"invoice_id": key})
                     await count_status_change(session, status, InvoiceStatus.CANCELLED)
-                    idempotency.reserve(session, key)
-                return await get_invoice_or_404(session, invoice_id), cancelled_now
+                cancelled = await get_invoice_or_404(session, invoice_id)
+                if cancelled_now:
+                    idempotency.record_reply(session, key, Reply.of(cancelled))
+                return cancelled, cancelled_now
 
     # A lost race (on a cluster: a pay's claim or a counts shard certified first on another
     # node) changed nothing: the next try reads the invoice afresh and decides again.
     cancelled, cancelled_now = await retry_conflicts(session, cancel_once)
     if cancelled_now:
-        idempotency.reserved = idempotency.changed = True
         logger.info("invoice {} cancelled", key)
     return cancelled
 

@@ -41,7 +41,6 @@ from exact_json import ExactJSONRoute
 from idempotency import (
     IdempotencyDep,
     IdempotencyKeyInUseError,
-    IdempotencyMiddleware,
     IdempotentRequestUnfinishedError,
     purge_expired_keys_forever,
 )
@@ -51,7 +50,6 @@ from invoices import (
     InvoiceNotFoundError,
     OutcomeUnknownError,
     PaymentInProgressError,
-    create_pending_invoice,
     get_invoice_or_404,
     list_page,
     page_params,
@@ -137,7 +135,6 @@ app = FastAPIOffline(
     dependencies=[Authorized],  # every route needs a key with AUTH=on, unless marked `public`
 )
 app.router.route_class = ExactJSONRoute
-app.add_middleware(IdempotencyMiddleware)
 app.add_middleware(RequestContextMiddleware)  # the outermost: every reply gets its request id
 api_docs.document_validation_errors(app)
 open_documentation(app)
@@ -220,15 +217,7 @@ async def create_invoice(
     PENDING, and the error names its id for a later `POST /invoice/pay/{invoice_id}`.
     Send an `Idempotency-Key` to make retrying safe: a retry gets the first reply again.
     """
-    if replay := await idempotency.replay(session, request):
-        return replay
-    invoice = await create_pending_invoice(session, request, idempotency)
-    if request.card is None:
-        return invoice
-    card = request.card
-    return await payments.pay_invoice(
-        session, fakepay, recorder, str(invoice.id), card, idempotency
-    )
+    return await payments.create_invoice(session, fakepay, recorder, request, idempotency)
 
 
 @app.post(
@@ -256,8 +245,6 @@ async def pay_invoice(
     is PAID afterwards, and paying again answers 409; `make db-reset` restores it), or with
     the id of an invoice you created without a card.
     """
-    if replay := await idempotency.replay(session, card):
-        return replay
     return await payments.pay_invoice(
         session, fakepay, recorder, str(invoice_id), card, idempotency
     )
@@ -287,8 +274,6 @@ async def cancel_invoice(
 
     Try it with the seeded PENDING invoice `6f53c7be-0369-11f0-8d97-7c646cb7c0bc`.
     """
-    if replay := await idempotency.replay(session, None):
-        return replay
     return await invoices.cancel_invoice(session, invoice_id, idempotency)
 
 

@@ -290,8 +290,9 @@ class IdempotencyRecord(SQLModel, table=True):
     idempotency_key: str = Field(primary_key=True, max_length=255, sa_type=ascii_column(255))
     fingerprint: str = Field(max_length=64, sa_type=CHAR(64))
     invoice_id: str = Field(max_length=36, sa_type=CHAR(36))
-    # The last step done when the request ended asking for a retry; NULL while it runs.
+    # The last step its request reached, written with that step's change; NULL once replied.
     recovery_point: str | None = Field(default=None, max_length=16)
+    payment_id: int | None = None  # the attempt of `payment_started`: only it may reply
     response_status: int | None = Field(default=None, sa_type=SmallInteger)
     response_body: str | None = Field(default=None, sa_type=Text)
     created_at: datetime | None = Field(

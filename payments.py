@@ -39,6 +39,7 @@ from typing import Annotated
 import anyio
 import httpx
 from fastapi import Depends, Request
+from fastapi.responses import Response
 from loguru import logger
 from pydantic import SecretStr, field_serializer
 from sqlalchemy import Update, bindparam, func, insert, update
@@ -58,13 +59,14 @@ from db import (
     retry_conflicts,
 )
 from errors import ApiError
-from idempotency import IdempotentRequest
+from idempotency import IdempotentRequest, Reply
 from invoices import (
     THIS_INVOICE,
     InvoiceNotFoundError,
     OutcomeUnknownError,
     PaymentInProgressError,
     count_status_change,
+    create_pending_invoice,
     find_invoice,
     get_invoice_or_404,
     lock_invoice,
@@ -74,6 +76,7 @@ from models import (
     CamelModel,
     Card,
     Invoice,
+    InvoiceCreate,
     InvoicePublic,
     InvoiceStatus,
     MaskedCard,
@@ -247,11 +250,18 @@ class PaymentNotUnknownError(PaymentError):
         )
 
 
+# How a payment ends for its client: the invoice PAID, or the error that says what happened.
+Ending = InvoicePublic | PaymentError
+
+
 @dataclass(frozen=True)
 class ChargeResult:
     status: PaymentStatus
     reason: str | None = None
     sent: bool = True  # False: the request never reached the provider, nothing was charged
+
+
+PROVIDER_BUSY = ChargeResult(PaymentStatus.FAILED, "too many payments in flight", sent=False)
 
 
 def outcome_of(status_code: int, body: bytes) -> ChargeResult:
@@ -356,6 +366,8 @@ FakePayDep = Annotated[FakePayClient, Depends(get_fakepay)]
 class ClaimedInvoice:
     invoice: InvoicePublic  # as it was claimed: PENDING, without a card
     payment_id: int
+    card: MaskedCard
+    deduplicates: bool  # whether the provider may be sent this transactionId again
 
 
 # The pay path's statements, built once (building one and its cache key costs more than
@@ -422,25 +434,45 @@ def open_attempt(stale_after_s: int) -> Select[int | None, str, bool]:
     ).where(col(Payment.invoice_id) == bindparam("invoice_id"), HOLDS_OPEN_SLOT)
 
 
+class ClaimUnconfirmedError(Exception):
+    """The claim's COMMIT may or may not have reached the server: its attempt may exist."""
+
+    def __init__(self, claimed: ClaimedInvoice) -> None:
+        super().__init__(f"claim of invoice {claimed.invoice.id} unconfirmed")
+        self.claimed = claimed
+
+
+# How a claim whose COMMIT went unconfirmed ends: its attempt, if it exists, sent nothing.
+CLAIM_UNCONFIRMED = ChargeResult(
+    PaymentStatus.FAILED, "the database did not confirm the claim; nothing was sent", sent=False
+)
+
+
 async def claim(
     session: AsyncSession,
     fakepay: FakePayClient,
+    recorder: "OutcomeRecorder",
     invoice_id: str,
     masked: MaskedCard,
     idempotency: IdempotentRequest,
 ) -> ClaimedInvoice:
-    """Record a PROCESSING attempt for a PENDING invoice with no attempt open, and reserve the
-    request's Idempotency-Key with it. A conflict with a concurrent transaction (nothing was
-    sent yet) is tried again, then answered as the lost race it is."""
+    """Record a PROCESSING attempt for a PENDING invoice with no attempt open, and the
+    request's Idempotency-Key as past the point of no resumption with it. A conflict with a
+    concurrent transaction (nothing was sent yet) is tried again, then answered as the lost
+    race it is. A COMMIT whose acknowledgement never came may have recorded the attempt: the
+    recorder ends it FAILED (nothing was sent) once the database answers, which frees the
+    invoice and the key for the retry the client is told to make."""
     try:
         with idempotency.twin_refused(), open_slot_taken(invoice_id):
             claimed = await retry_conflicts(
                 session,
                 lambda: record_attempt(session, fakepay, invoice_id, masked, idempotency),
             )
+    except ClaimUnconfirmedError as unconfirmed:
+        recorder.record_later(unconfirmed.claimed, CLAIM_UNCONFIRMED, idempotency)
+        raise PaymentNotStartedError(invoice_id) from None
     except DATABASE_UNREACHABLE:
         raise PaymentNotStartedError(invoice_id) from None
-    idempotency.reserved = True
     return claimed
 
 
@@ -464,26 +496,45 @@ async def record_attempt(
     idempotency: IdempotentRequest,
 ) -> ClaimedInvoice:
     """The claim's one transaction, ended by its commit."""
-    async with session.begin():
-        claimed = await execute_core(session, CLAIM_INVOICE, {"invoice_id": invoice_id})
-        invoice = await find_invoice(session, invoice_id) if claimed.rowcount else None
-        if invoice is None:
-            raise InvoiceNotFoundError(invoice_id)
-        if invoice.invoice_status != InvoiceStatus.PENDING:
-            raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
-        await free_open_slot(session, fakepay, invoice_id)
-        recorded = await execute_core(
-            session,
-            RECORD_ATTEMPT,
-            {
-                "invoice_id": invoice_id,
-                "card_number": masked.number,
-                "card_name": masked.name,
-                "card_expiry": masked.expiry,
-            },
-        )
-        idempotency.reserve(session, invoice_id)
-        return ClaimedInvoice(invoice, recorded.lastrowid)
+    claimed: ClaimedInvoice | None = None
+    try:
+        async with session.begin():
+            claimed = await claim_in_transaction(session, fakepay, invoice_id, masked, idempotency)
+    except DATABASE_UNREACHABLE:
+        if claimed is None:
+            raise  # before the COMMIT: nothing was recorded
+        raise ClaimUnconfirmedError(claimed) from None
+    return claimed
+
+
+async def claim_in_transaction(
+    session: AsyncSession,
+    fakepay: FakePayClient,
+    invoice_id: str,
+    masked: MaskedCard,
+    idempotency: IdempotentRequest,
+) -> ClaimedInvoice:
+    """The claim's statements: lock and read the invoice, free or refuse its open slot, record
+    the attempt and advance the key."""
+    claimed = await execute_core(session, CLAIM_INVOICE, {"invoice_id": invoice_id})
+    invoice = await find_invoice(session, invoice_id) if claimed.rowcount else None
+    if invoice is None:
+        raise InvoiceNotFoundError(invoice_id)
+    if invoice.invoice_status != InvoiceStatus.PENDING:
+        raise InvoiceNotPayableError(invoice_id, invoice.invoice_status)
+    await free_open_slot(session, fakepay, invoice_id)
+    recorded = await execute_core(
+        session,
+        RECORD_ATTEMPT,
+        {
+            "invoice_id": invoice_id,
+            "card_number": masked.number,
+            "card_name": masked.name,
+            "card_expiry": masked.expiry,
+        },
+    )
+    await idempotency.record_payment_started(session, invoice_id, recorded.lastrowid)
+    return ClaimedInvoice(invoice, recorded.lastrowid, masked, fakepay.deduplicates)
 
 
 async def free_open_slot(session: AsyncSession, fakepay: FakePayClient, invoice_id: str) -> None:
@@ -505,50 +556,89 @@ async def free_open_slot(session: AsyncSession, fakepay: FakePayClient, invoice_
     logger.warning("invoice {}: attempt {} replaced, its outcome unknown", invoice_id, payment_id)
 
 
+def ending(claimed: ClaimedInvoice, result: ChargeResult, stands: bool) -> Ending:
+    """What the client is told once the outcome is recorded: the invoice PAID with the masked
+    card, or the `PaymentError` that says what happened and what to do."""
+    invoice_id = str(claimed.invoice.id)
+    reason = result.reason or "unknown"
+    if result.status == PaymentStatus.SUCCEEDED:
+        if not stands:
+            return ChargedAfterReplacedError(invoice_id)
+        return claimed.invoice.model_copy(
+            update={"invoice_status": InvoiceStatus.PAID, "card": claimed.card}
+        )
+    if result == PROVIDER_BUSY:
+        return ProviderBusyError(invoice_id)
+    if result.status == PaymentStatus.DECLINED:
+        return PaymentDeclinedError(invoice_id, reason)
+    if result.status == PaymentStatus.UNKNOWN:
+        return ProviderTimeoutError(invoice_id, claimed.payment_id, reason, claimed.deduplicates)
+    return ProviderUnavailableError(invoice_id, reason)
+
+
 async def record_outcome(
-    session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult
-) -> bool:
-    """One transaction that records the outcome on the attempt; whether it stands (False: a
-    later attempt had replaced this one, and a charge is then REFUND_DUE).
+    session: AsyncSession,
+    claimed: ClaimedInvoice,
+    result: ChargeResult,
+    idempotency: IdempotentRequest,
+) -> Ending:
+    """One transaction that records the outcome on the attempt, and the reply under the
+    request's Idempotency-Key; the reply. A later attempt may have replaced this one: a charge
+    is then REFUND_DUE.
 
     A success takes the invoice row first, the lock every claim takes first too, so a settle
     and a claim never deadlock. Recording an outcome the attempt already has is a success:
     that is a retry whose first try committed.
     """
+    async with session.begin():
+        stands = await record_on_attempt(session, claimed, result)
+        reply = ending(claimed, result, stands)
+        await idempotency.record_final(
+            session, claimed.payment_id, Reply.of(reply, 201), sent=result.sent
+        )
+    return reply
+
+
+async def record_on_attempt(
+    session: AsyncSession, claimed: ClaimedInvoice, result: ChargeResult
+) -> bool:
+    """The outcome on the attempt, in the caller's transaction; whether it stands (False: a
+    later attempt had replaced this one)."""
     invoice_id = str(claimed.invoice.id)
     attempt = {"invoice_id": invoice_id, "payment_id": claimed.payment_id}
     succeeded = result.status == PaymentStatus.SUCCEEDED
-    async with session.begin():
-        recorded = False
-        if not succeeded or (await execute_core(session, MARK_PAID, attempt)).rowcount:
-            outcome = {
-                **attempt,
-                "outcome": result.status,
-                "outcome_reason": result.reason,
-                "still_unsettled": 1 if result.status == PaymentStatus.UNKNOWN else None,
-                "succeeded": 1 if succeeded else None,
-            }
-            recorded = bool((await execute_core(session, RECORD_OUTCOME, outcome)).rowcount)
-        if succeeded and recorded:
-            await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
-        if recorded:
-            return True
-        current = (await execute_core(session, READ_ATTEMPT, attempt)).scalar_one()
-        if current == result.status:
-            return True
-        if succeeded:
-            await execute_core(session, MARK_REFUND_DUE, attempt)
-            metrics.count_payment(PaymentStatus.REFUND_DUE)
-            logger.error(
-                "invoice {}: attempt {} was charged after a later attempt had replaced it; "
-                "this charge must be refunded",
-                invoice_id,
-                claimed.payment_id,
-            )
-        elif result.status != PaymentStatus.UNKNOWN:
-            late = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
-            await execute_core(session, RECORD_LATE_OUTCOME, late)
+    recorded = False
+    if not succeeded or (await execute_core(session, MARK_PAID, attempt)).rowcount:
+        outcome = {
+            **attempt,
+            "outcome": result.status,
+            "outcome_reason": result.reason,
+            "still_unsettled": 1 if result.status == PaymentStatus.UNKNOWN else None,
+            "succeeded": 1 if succeeded else None,
+        }
+        recorded = bool((await execute_core(session, RECORD_OUTCOME, outcome)).rowcount)
+    if succeeded and recorded:
+        await count_status_change(session, InvoiceStatus.PENDING, InvoiceStatus.PAID)
+    if recorded:
+        return True
+    current = (await execute_core(session, READ_ATTEMPT, attempt)).scalar_one_or_none()
+    if current == result.status:
+        return True
+    if current is None:  # an unconfirmed claim that was never committed: nothing to record
         return False
+    if succeeded:
+        await execute_core(session, MARK_REFUND_DUE, attempt)
+        metrics.count_payment(PaymentStatus.REFUND_DUE)
+        logger.error(
+            "invoice {}: attempt {} was charged after a later attempt had replaced it; "
+            "this charge must be refunded",
+            invoice_id,
+            claimed.payment_id,
+        )
+    elif result.status != PaymentStatus.UNKNOWN:
+        late = {**attempt, "outcome": result.status, "outcome_reason": result.reason}
+        await execute_core(session, RECORD_LATE_OUTCOME, late)
+    return False
 
 
 async def settle(
@@ -556,19 +646,20 @@ async def settle(
     recorder: "OutcomeRecorder",
     claimed: ClaimedInvoice,
     result: ChargeResult,
-) -> bool:
-    """Record the outcome, retrying through a short outage or a lost race; whether it stands.
+    idempotency: IdempotentRequest,
+) -> Ending:
+    """Record the outcome, retrying through a short outage or a lost race; the reply.
     Past the request's retries the recorder takes it over, and the client is told."""
     for delay in SETTLE_RETRY_DELAYS_S:
         try:
-            return await record_outcome(session, claimed, result)
+            return await record_outcome(session, claimed, result, idempotency)
         except (*DATABASE_UNREACHABLE, TransactionConflictError):
             logger.warning("recording payment of invoice {} failed; retrying", claimed.invoice.id)
             await asyncio.sleep(delay)
     try:
-        return await record_outcome(session, claimed, result)
+        return await record_outcome(session, claimed, result, idempotency)
     except (*DATABASE_UNREACHABLE, TransactionConflictError):
-        recorder.record_later(claimed, result)
+        recorder.record_later(claimed, result, idempotency)
         raise OutcomeNotRecordedError(str(claimed.invoice.id), result.status) from None
 
 
@@ -587,16 +678,22 @@ class OutcomeRecorder:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.waiting: dict[int, tuple[ClaimedInvoice, ChargeResult]] = {}
+        self.waiting: dict[int, tuple[ClaimedInvoice, ChargeResult]] = {}  # by attempt
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def record_later(self, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+    def record_later(
+        self, claimed: ClaimedInvoice, result: ChargeResult, idempotency: IdempotentRequest
+    ) -> None:
+        """Record it in the background, with the reply under the request's Idempotency-Key,
+        which a retry with that key then gets."""
         self.waiting[claimed.payment_id] = (claimed, result)
-        task = asyncio.get_running_loop().create_task(self._record(claimed, result))
+        task = asyncio.get_running_loop().create_task(self._record(claimed, result, idempotency))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _record(self, claimed: ClaimedInvoice, result: ChargeResult) -> None:
+    async def _record(
+        self, claimed: ClaimedInvoice, result: ChargeResult, idempotency: IdempotentRequest
+    ) -> None:
         delay = self.FIRST_DELAY_S
         while True:
             logger.error(
@@ -610,7 +707,7 @@ class OutcomeRecorder:
             await asyncio.sleep(delay)
             try:
                 async with AsyncSession(self.engine) as session:
-                    await record_outcome(session, claimed, result)
+                    await record_outcome(session, claimed, result, idempotency)
             except (*DATABASE_UNREACHABLE, TransactionConflictError):
                 delay = min(delay * 2, self.LONGEST_DELAY_S)
                 continue
@@ -756,7 +853,39 @@ async def resolve_payment(
     return await get_invoice_or_404(session, uuid.UUID(invoice_id))
 
 
+async def create_invoice(
+    session: AsyncSession,
+    fakepay: FakePayClient,
+    recorder: OutcomeRecorder,
+    request: InvoiceCreate,
+    idempotency: IdempotentRequest,
+) -> InvoicePublic | Response:
+    """Create a PENDING invoice and, with a card, pay it; the first reply again for a retry
+    with the same Idempotency-Key, and, for a retry of one whose payment never started, the
+    payment of the invoice it created."""
+    if replay := await idempotency.begin(session, request):
+        return replay
+    invoice = await create_pending_invoice(session, request, idempotency)
+    if request.card is None:
+        return invoice
+    return await charge(session, fakepay, recorder, str(invoice.id), request.card, idempotency)
+
+
 async def pay_invoice(
+    session: AsyncSession,
+    fakepay: FakePayClient,
+    recorder: OutcomeRecorder,
+    invoice_id: str,
+    card: Card,
+    idempotency: IdempotentRequest,
+) -> InvoicePublic | Response:
+    """Pay a PENDING invoice; the first reply again for a retry with the same Idempotency-Key."""
+    if replay := await idempotency.begin(session, card):
+        return replay
+    return await charge(session, fakepay, recorder, invoice_id, card, idempotency)
+
+
+async def charge(
     session: AsyncSession,
     fakepay: FakePayClient,
     recorder: OutcomeRecorder,
@@ -768,43 +897,29 @@ async def pay_invoice(
     card; raise a `PaymentError` for every other end."""
     masked = card.masked()
     add_log_fields(invoice_id=invoice_id)
-    claimed = await claim(session, fakepay, invoice_id, masked, idempotency)
+    claimed = await claim(session, fakepay, recorder, invoice_id, masked, idempotency)
     add_log_fields(payment_id=claimed.payment_id)
     with fakepay.slot() as acquired:
-        if not acquired:
-            busy = ChargeResult(PaymentStatus.FAILED, "too many payments in flight", sent=False)
-            metrics.count_payment(busy.status)
-            await settle(session, recorder, claimed, busy)
-            raise ProviderBusyError(invoice_id)
-        logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
-        started = time.perf_counter()
-        result = await charge_once(fakepay, invoice_id, card)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-    metrics.record_charge(result.status, elapsed_ms)
-    idempotency.charge_sent = result.sent
-    idempotency.changed = idempotency.changed or result.sent
-    logger.info(
-        "payment outcome: invoice {} {} ({}) in {:.0f} ms",
-        invoice_id,
-        result.status,
-        result.reason or "ok",
-        elapsed_ms,
-    )
-    if (
-        not await settle(session, recorder, claimed, result)
-        and result.status == PaymentStatus.SUCCEEDED
-    ):
-        raise ChargedAfterReplacedError(invoice_id)
-    if result.status == PaymentStatus.SUCCEEDED:
-        return claimed.invoice.model_copy(
-            update={"invoice_status": InvoiceStatus.PAID, "card": masked}
-        )
-    reason = result.reason or "unknown"
-    if result.status == PaymentStatus.DECLINED:
-        raise PaymentDeclinedError(invoice_id, reason)
-    if result.status == PaymentStatus.UNKNOWN:
-        raise ProviderTimeoutError(invoice_id, claimed.payment_id, reason, fakepay.deduplicates)
-    raise ProviderUnavailableError(invoice_id, reason)
+        if acquired:
+            logger.info("payment requested: invoice {} card {}", invoice_id, masked.number)
+            started = time.perf_counter()
+            result = await charge_once(fakepay, invoice_id, card)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            metrics.record_charge(result.status, elapsed_ms)
+            logger.info(
+                "payment outcome: invoice {} {} ({}) in {:.0f} ms",
+                invoice_id,
+                result.status,
+                result.reason or "ok",
+                elapsed_ms,
+            )
+        else:
+            result = PROVIDER_BUSY
+            metrics.count_payment(result.status)
+    reply = await settle(session, recorder, claimed, result, idempotency)
+    if isinstance(reply, PaymentError):
+        raise reply
+    return reply
 
 
 async def charge_once(fakepay: FakePayClient, invoice_id: str, card: Card) -> ChargeResult:

@@ -75,8 +75,10 @@ CREATE TABLE idempotency_key (
     idempotency_key VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     fingerprint     CHAR(64)     NOT NULL,
     invoice_id      CHAR(36)     NOT NULL,
-    -- set when the request ended with a reply asking for a retry: the step to resume after
+    -- the last step its request reached (invoice_created, payment_started); NULL once replied
     recovery_point  VARCHAR(16)  NULL,
+    -- the payment attempt of payment_started: only its outcome may store the reply
+    payment_id      INT          NULL,
     response_status SMALLINT     NULL,
     response_body   TEXT         NULL,
     created_at      DATETIME(6)  NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
@@ -118,7 +120,7 @@ CREATE TABLE alembic_version (
     PRIMARY KEY (version_num)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
-INSERT INTO alembic_version (version_num) VALUES ('0004');
+INSERT INTO alembic_version (version_num) VALUES ('0005');
 
 INSERT INTO invoice_status_count (invoice_status, shard)
 WITH RECURSIVE shards (n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM shards WHERE n < 15)

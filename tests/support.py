@@ -258,26 +258,37 @@ class PayBehindProxy:
 
 
 @contextmanager
+def serving_behind(proxy: TcpProxy, log_path: Path, provider_url: str) -> Iterator[httpx.Client]:
+    """The app as a process, its database behind `proxy` and its provider at `provider_url`;
+    a client of it."""
+    env = {"DB_URL": f"127.0.0.1:{proxy.port}/{settings.db_name}", "FAKEPAY_URL": provider_url}
+    with (
+        running_app(log_path, env=env) as server,
+        httpx.Client(base_url=server.url, timeout=60) as http,
+    ):
+        yield http
+
+
+@contextmanager
 def paying_behind(
     proxy: TcpProxy,
     log_path: Path,
     answer: tuple[int, dict[str, Any]] = (200, PAID_REPLY),
+    headers: dict[str, str] | None = None,
 ) -> Iterator[PayBehindProxy]:
-    """Start the app with its database behind `proxy`, create an invoice and pay it; yield
-    once the charge has reached the provider, which holds it until `answer()` is called (at
-    the latest when the block ends)."""
+    """Start the app with its database behind `proxy`, create an invoice and pay it (with
+    `headers`); yield once the charge has reached the provider, which holds it until
+    `answer()` is called (at the latest when the block ends)."""
     with StandInProvider() as provider:
         gate = threading.Event()
         provider.answer_next(*answer, gate=gate)
-        env = {"DB_URL": f"127.0.0.1:{proxy.port}/{settings.db_name}", "FAKEPAY_URL": provider.url}
-        with (
-            running_app(log_path, env=env) as server,
-            httpx.Client(base_url=server.url, timeout=60) as http,
-        ):
+        with serving_behind(proxy, log_path, provider.url) as http:
             invoice_id = create_pending_invoice(http)
             replies: list[httpx.Response] = []
             pay = f"/invoice/pay/{invoice_id}"
-            payer = threading.Thread(target=lambda: replies.append(http.post(pay, json=WORK_CARD)))
+            payer = threading.Thread(
+                target=lambda: replies.append(http.post(pay, json=WORK_CARD, headers=headers))
+            )
             payer.start()
             held = PayBehindProxy(http, provider, invoice_id, gate, payer, replies)
             try:

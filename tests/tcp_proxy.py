@@ -17,6 +17,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._frozen = threading.Event()
         self._drop_reply_to: bytes | None = None
+        self._drop_after: bytes | None = None
+        self._armed: set[socket.socket] = set()
         self._dropping: set[socket.socket] = set()
 
     def start(self) -> None:
@@ -50,11 +52,12 @@ class TcpProxy:
     def thaw(self) -> None:
         self._frozen.clear()
 
-    def drop_reply_to(self, statement: bytes) -> None:
-        """Forward the next query containing `statement` (say, a COMMIT), then break that
-        connection before the server's reply reaches the app: the server did the work, the
-        app never hears so."""
-        self._drop_reply_to = statement
+    def drop_reply_to(self, statement: bytes, after: bytes | None = None) -> None:
+        """Forward the next query containing `statement` (say, a COMMIT) on a connection
+        that has sent a query containing `after` first, if given, then break that connection
+        before the server's reply reaches the app: the server did the work, the app never
+        hears so."""
+        self._drop_reply_to, self._drop_after = statement, after
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -84,8 +87,14 @@ class TcpProxy:
                     for end in (source, sink):
                         end.shutdown(socket.SHUT_RDWR)
                     return
-                if self._drop_reply_to is not None and self._drop_reply_to in chunk:
-                    self._drop_reply_to = None
+                if self._drop_after is not None and self._drop_after in chunk:
+                    self._armed.add(source)
+                if (
+                    self._drop_reply_to is not None
+                    and self._drop_reply_to in chunk
+                    and (self._drop_after is None or source in self._armed)
+                ):
+                    self._drop_reply_to = self._drop_after = None
                     self._dropping.add(sink)
                 if not self._frozen.is_set():
                     sink.sendall(chunk)

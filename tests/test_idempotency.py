@@ -1,17 +1,22 @@
 """Idempotency-Key: a retried request gets the first reply again and runs nothing twice."""
 
+import asyncio
 import threading
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from db import make_engine
+from idempotency import PAYMENT_STARTED, IdempotentRequest, Reply
 from models import IdempotencyRecord
 from scripts.processes import Running
 from tests.stand_in import StandInProvider, refusing_provider_url
@@ -27,8 +32,14 @@ from tests.support import (
     create_pending_invoice,
     direct_engine,
     invoices_described,
+    paying_behind,
+    serving_behind,
+    settings,
+    wait_until,
 )
+from tests.tcp_proxy import TcpProxy
 
+HOUR = timedelta(hours=1)
 ANY_INVOICE = {"jobDescription": "Keyed", "amount": 1, "customerId": 1}
 
 
@@ -43,6 +54,11 @@ def keyed(key: str) -> dict[str, str]:
 def stored_key(key: str) -> IdempotencyRecord | None:
     with Session(direct_engine) as session:
         return session.get(IdempotencyRecord, ("", key))
+
+
+def stored_reply_status(key: str) -> int | None:
+    record = stored_key(key)
+    return None if record is None else record.response_status
 
 
 def test_retried_create_gets_the_same_invoice_once(client: TestClient) -> None:
@@ -345,3 +361,136 @@ def test_a_create_whose_payment_was_refused_busy_is_resumed_by_its_retry(
     assert replayed.json() == retried.json()
     assert len(provider.requests_for(created_id)) == 1
     assert invoices_described("Resumed") == 1
+
+
+# --- the reply is stored with the change it reports -----------------------------------------
+
+# The key row's INSERT, and then the COMMIT of the same transaction: the change's own commit.
+KEY_ROW = b"INSERT INTO idempotency_key"
+
+
+def test_a_create_whose_commit_went_unacknowledged_replays_its_invoice(
+    database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
+) -> None:
+    """The create's COMMIT reached the server, its OK did not reach the app (503): the reply
+    was stored in that transaction, so the retry gets the invoice, and creates no other."""
+    job = f"Unacked {uuid.uuid4()}"
+    key, body = new_key(), {**ANY_INVOICE, "jobDescription": job}
+    with serving_behind(database_proxy, tmp_path / "app.log", fakepay.url) as http:
+        database_proxy.drop_reply_to(b"COMMIT", after=KEY_ROW)
+        lost = http.post("/invoice", json=body, headers=keyed(key))
+        retried = http.post("/invoice", json=body, headers=keyed(key))
+
+    assert lost.status_code == 503
+    assert retried.status_code == 201, retried.text
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert retried.json()["invoiceStatus"] == "PENDING"
+    assert invoices_described(job) == 1
+
+
+def test_a_create_with_card_whose_commit_went_unacknowledged_is_resumed_and_charged_once(
+    database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
+) -> None:
+    """The invoice's COMMIT went through unacknowledged, so no payment started: the key row,
+    written in that transaction, says where to resume, and the retry pays that invoice."""
+    job = f"Unacked card {uuid.uuid4()}"
+    key, body = new_key(), {**ANY_INVOICE, "jobDescription": job, "card": WORK_CARD}
+    with serving_behind(database_proxy, tmp_path / "app.log", fakepay.url) as http:
+        database_proxy.drop_reply_to(b"COMMIT", after=KEY_ROW)
+        lost = http.post("/invoice", json=body, headers=keyed(key))
+        retried = http.post("/invoice", json=body, headers=keyed(key))
+
+    assert lost.status_code == 503
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["invoiceStatus"] == "PAID"
+    assert invoices_described(job) == 1
+    assert len(fakepay.requests_for(retried.json()["id"])) == 1
+
+
+def test_a_cancel_whose_commit_went_unacknowledged_replays_cancelled(
+    database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
+) -> None:
+    key = new_key()
+    with serving_behind(database_proxy, tmp_path / "app.log", fakepay.url) as http:
+        invoice_id = create_pending_invoice(http)
+        database_proxy.drop_reply_to(b"COMMIT", after=KEY_ROW)
+        lost = http.post(f"/invoice/cancel/{invoice_id}", headers=keyed(key))
+        retried = http.post(f"/invoice/cancel/{invoice_id}", headers=keyed(key))
+
+    assert lost.status_code == 503
+    assert retried.status_code == 200, retried.text
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert retried.json()["invoiceStatus"] == "CANCELLED"
+
+
+def test_an_outcome_recorded_after_its_request_is_the_reply_its_key_replays(
+    database_proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """FakePay charged while the database was away past the request's retries (503): the
+    process records the outcome later, and with it the reply, which the retry gets."""
+    key = new_key()
+    with paying_behind(database_proxy, tmp_path / "app.log", headers=keyed(key)) as pay:
+        database_proxy.cut()
+        pay.answer()
+        charged = pay.reply
+        database_proxy.start()
+        pay_path = f"/invoice/pay/{pay.invoice_id}"
+        wait_until(lambda: stored_reply_status(key) == 201, "the stored reply", 40, 0.2)
+        retried = pay.http.post(pay_path, json=WORK_CARD, headers=keyed(key))
+
+    assert charged.status_code == 503
+    assert retried.status_code == 201, retried.text
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert retried.json()["invoiceStatus"] == "PAID"
+    assert len(pay.provider.requests_for(pay.invoice_id)) == 1
+
+
+def test_a_pay_whose_claim_went_unacknowledged_is_paid_by_its_retry(
+    database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
+) -> None:
+    """The claim's COMMIT reached the server, its OK did not (503, nothing sent): the process
+    ends that attempt FAILED once the database answers, and frees the key, so the retry the
+    client was told to make pays, once."""
+    key = new_key()
+    with serving_behind(database_proxy, tmp_path / "app.log", fakepay.url) as http:
+        invoice_id = create_pending_invoice(http)
+        pay = f"/invoice/pay/{invoice_id}"
+        database_proxy.drop_reply_to(b"COMMIT", after=KEY_ROW)
+        lost = http.post(pay, json=WORK_CARD, headers=keyed(key))
+        wait_until(lambda: stored_key(key) is None, "the unconfirmed claim to end", 20, 0.2)
+        retried = http.post(pay, json=WORK_CARD, headers=keyed(key))
+
+    assert lost.status_code == 503
+    assert "was not charged" in lost.json()["detail"]
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["invoiceStatus"] == "PAID"
+    assert [status for status, _ in attempts(invoice_id)] == ["FAILED", "SUCCEEDED"]
+    assert len(fakepay.requests_for(invoice_id)) == 1
+
+
+@pytest.mark.parametrize("sent", [True, False], ids=["reply", "rewind"])
+def test_a_late_outcome_leaves_a_later_requests_key_row_alone(database: None, sent: bool) -> None:
+    """An outcome recorded late (a settle retried after a lost acknowledgement, or the
+    background recorder) for attempt 1, after a later request with the same key took the row
+    for attempt 2: the row stays attempt 2's, to be answered by its own outcome."""
+    key = new_key()
+    insert_key(key, recovery_point=PAYMENT_STARTED, payment_id=2, expires_at=utc_now() + HOUR)
+
+    async def record_late_outcome() -> None:
+        engine = make_engine(settings)
+        try:
+            async with AsyncSession(engine) as session, session.begin():
+                late = IdempotentRequest(key=key)
+                await late.record_final(session, 1, Reply(201, "{}"), sent=sent)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(record_late_outcome())
+
+    record = stored_key(key)
+    assert record is not None
+    assert (record.recovery_point, record.payment_id, record.response_status) == (
+        PAYMENT_STARTED,
+        2,
+        None,
+    )

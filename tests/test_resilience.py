@@ -164,17 +164,18 @@ def test_hanging_provider_never_stalls_reads_and_creates(app_with_hanging_provid
     payer.start()
     time.sleep(1.0)  # the capped payments now wait on the provider
     with httpx.Client(base_url=url, timeout=30) as http:
-        started = time.monotonic()
         read = http.get(f"/invoice/{invoice_ids[0]}")
         created = http.post(
             "/invoice", json={"jobDescription": "During", "amount": 1, "customerId": 1}
         )
         listed = http.get("/invoices")
-        elapsed = time.monotonic() - started
+    # Answered while every capped payment still waits on the provider (for its 6 s timeout):
+    # nothing they hold (pool connections, the event loop) stood in the reads' way.
+    still_waiting = payer.is_alive() and not pays
     payer.join()
 
     assert (read.status_code, created.status_code, listed.status_code) == (200, 201, 200)
-    assert elapsed < 1.0, f"reads waited {elapsed:.1f} s behind the hanging provider"
+    assert still_waiting, "the reads waited for the hanging payments to end"
     codes = Counter(response.status_code for response in pays)
     assert codes == {504: HANGING_CAP, 503: HANGING_PAYS - HANGING_CAP}
     busy = next(response for response in pays if response.status_code == 503)

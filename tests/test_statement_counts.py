@@ -106,3 +106,21 @@ def test_pay_is_claim_charge_settle_in_six_statements(
     # customer, look for an open attempt, record the attempt; settle: mark the invoice PAID,
     # the attempt SUCCEEDED, move the invoice in the counts
     assert statements == ["UPDATE", "SELECT", "SELECT", "INSERT", "UPDATE", "UPDATE", "UPDATE"]
+
+
+def test_an_idempotency_key_adds_its_lookup_its_row_and_its_reply(
+    client: TestClient, statements: list[str]
+) -> None:
+    invoice_id = new_invoice(client)
+    statements.clear()
+
+    headers = {"Idempotency-Key": f"counted-{invoice_id}"}
+    assert client.post(f"/invoice/pay/{invoice_id}", json=CARD, headers=headers).status_code == 201
+
+    # the key looked up; claim as above, the key row inserted with the attempt; settle as
+    # above, the reply stored with the outcome
+    assert statements == [
+        "SELECT",
+        *("UPDATE", "SELECT", "SELECT", "INSERT", "INSERT"),
+        *("UPDATE", "UPDATE", "UPDATE", "UPDATE"),
+    ]
