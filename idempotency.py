@@ -42,10 +42,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_docs import invalid
-from db import DATABASE_UNREACHABLE, TransactionConflictError, engine, is_duplicate_key
+from db import DATABASE_UNREACHABLE, TransactionConflictError, is_duplicate_key
 from errors import ApiError
 from models import Card, IdempotencyRecord, InvoiceCreate
-from settings import settings
+from settings import Settings
 
 HEADER = "Idempotency-Key"
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
@@ -115,6 +115,8 @@ class IdempotentRequest:
     charge_sent: bool = False  # this request sent a charge to the provider
     resumed_invoice_id: str | None = None  # a retry resuming after the invoice was created
     stale_after: timedelta = field(default=timedelta(minutes=5))
+    ttl: timedelta = field(default=timedelta(hours=24))
+    engine: AsyncEngine | None = None  # the app's, where the key row lives (none without a key)
 
     async def replay(self, session: AsyncSession, body: BaseModel | None) -> Response | None:
         """The stored reply for this key, if there is one; raise if the key cannot be used."""
@@ -153,7 +155,7 @@ class IdempotentRequest:
     async def resume(self, record: IdempotencyRecord) -> None:
         """Take over a key whose request ended asking for a retry, after creating its invoice:
         this request goes on from there. Two retries at once: one resumes, one waits."""
-        async with AsyncSession(engine) as session, session.begin():
+        async with AsyncSession(self.engine) as session, session.begin():
             taken = await session.exec(
                 update(IdempotencyRecord)
                 .where(self._this_key(), col(IdempotencyRecord.recovery_point) == INVOICE_CREATED)
@@ -179,7 +181,7 @@ class IdempotentRequest:
                 idempotency_key=self.key,
                 fingerprint=self.fingerprint,
                 invoice_id=invoice_id,
-                expires_at=now() + timedelta(hours=settings.idempotency_ttl_hours),
+                expires_at=now() + self.ttl,
             )
         )
 
@@ -201,7 +203,7 @@ class IdempotentRequest:
         key records where to resume; after a charge was sent it stays unfinished, naming its
         invoice, for the retry to read."""
         where = self._this_key()
-        async with AsyncSession(engine) as session, session.begin():
+        async with AsyncSession(self.engine) as session, session.begin():
             if not self.changed:
                 await session.exec(delete(IdempotencyRecord).where(where))
             elif not asks_retry:
@@ -239,12 +241,15 @@ async def idempotent_request(
             ("header", HEADER), f"{HEADER} must be 1-255 visible ASCII characters (no spaces)"
         )
     api_key = getattr(request.state, "api_key", None)  # set by auth.authorize when AUTH=on
+    config: Settings = request.state.settings
     idempotent = IdempotentRequest(
         key=key,
         owner="" if api_key is None else f"api-key:{api_key.id}",
         method=request.method,
         path=request.url.path,
-        stale_after=timedelta(seconds=settings.payment_stale_after_s),
+        stale_after=timedelta(seconds=config.payment_stale_after_s),
+        ttl=timedelta(hours=config.idempotency_ttl_hours),
+        engine=request.state.engine,
     )
     request.state.idempotency = idempotent
     return idempotent
