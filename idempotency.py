@@ -50,7 +50,7 @@ from auth import KnownKey, authorize
 from db import DATABASE_UNREACHABLE, TransactionConflictError, duplicate_key_name
 from errors import ApiError
 from models import Card, IdempotencyRecord, InvoiceCreate
-from settings import settings
+from settings import SettingsDep
 
 HEADER = "Idempotency-Key"
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
@@ -140,6 +140,7 @@ class IdempotentRequest:
     # the earlier one that `begin` resumes).
     created_invoice_id: str | None = None
     stale_after: timedelta = field(default=timedelta(minutes=5))
+    ttl: timedelta = field(default=timedelta(hours=24))
 
     async def begin(self, session: AsyncSession, body: BaseModel | None) -> Response | None:
         """The stored reply for this key, if there is one; raise if the key cannot be used;
@@ -202,7 +203,7 @@ class IdempotentRequest:
                 payment_id=payment_id,
                 response_status=None if reply is None else reply.status_code,
                 response_body=None if reply is None else reply.body,
-                expires_at=now() + timedelta(hours=settings.idempotency_ttl_hours),
+                expires_at=now() + self.ttl,
             )
         )
 
@@ -296,6 +297,7 @@ class IdempotentRequest:
 
 async def idempotent_request(
     request: Request,
+    config: SettingsDep,
     api_key: Annotated[KnownKey | None, Depends(authorize)],
     idempotency_key: Annotated[
         str | None,
@@ -323,7 +325,8 @@ async def idempotent_request(
         owner="" if api_key is None else f"api-key:{api_key.id}",
         method=request.method,
         path=request.url.path,
-        stale_after=timedelta(seconds=settings.payment_stale_after_s),
+        stale_after=timedelta(seconds=config.payment_stale_after_s),
+        ttl=timedelta(hours=config.idempotency_ttl_hours),
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -283,10 +284,9 @@ def test_an_expired_key_is_forgotten(client: TestClient) -> None:
     assert "idempotent-replayed" not in response.headers
 
 
-def test_expired_keys_are_purged(client: TestClient) -> None:
+def test_expired_keys_are_purged(client: TestClient, app_engine: AsyncEngine) -> None:
     from sqlmodel.ext.asyncio.session import AsyncSession
 
-    from db import engine
     from idempotency import purge_expired_keys
 
     expired, kept = new_key(), new_key()
@@ -296,7 +296,7 @@ def test_expired_keys_are_purged(client: TestClient) -> None:
     )
 
     async def purge() -> int:
-        async with AsyncSession(engine) as session:
+        async with AsyncSession(app_engine) as session:
             return await purge_expired_keys(session)
 
     assert client.portal.call(purge) >= 1  # type: ignore[union-attr]
