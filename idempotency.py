@@ -241,11 +241,18 @@ class IdempotentRequest:
             raise IdempotencyKeyInUseError()
 
     async def record_final(
-        self, session: AsyncSession, payment_id: int, reply: Reply, *, sent: bool
+        self,
+        session: AsyncSession,
+        payment_id: int,
+        outcome: BaseModel | ApiError,
+        *,
+        status_code: int,
+        sent: bool,
     ) -> None:
-        """In the transaction that records the outcome of attempt `payment_id`: the reply is
-        stored with it. If no charge was sent, the reply asks for a retry and is not stored:
-        a create's key goes back to `invoice_created`, a payment's key is dropped.
+        """In the transaction that records the outcome of attempt `payment_id`: the reply to
+        `outcome` (`status_code` for a success) is stored with it. If no charge was sent, the
+        reply asks for a retry and is not stored: a create's key goes back to
+        `invoice_created`, a payment's key is dropped.
 
         Only while the row is still that attempt's, unanswered: an outcome recorded late (a
         retry after a lost acknowledgement, the background recorder) must not touch the row
@@ -258,6 +265,7 @@ class IdempotentRequest:
             col(IdempotencyRecord.response_status).is_(None),
         )
         if sent:
+            reply = Reply.of(outcome, status_code)
             statement: Any = (
                 update(IdempotencyRecord)
                 .where(*mine)

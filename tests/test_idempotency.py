@@ -17,8 +17,8 @@ from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from db import make_engine
-from idempotency import PAYMENT_STARTED, IdempotentRequest, Reply
-from models import IdempotencyRecord
+from idempotency import PAYMENT_STARTED, IdempotentRequest
+from models import ErrorDetail, IdempotencyRecord
 from scripts.processes import Running
 from tests.stand_in import StandInProvider, refusing_provider_url
 from tests.support import (
@@ -481,7 +481,9 @@ def test_a_late_outcome_leaves_a_later_requests_key_row_alone(database: None, se
         try:
             async with AsyncSession(engine) as session, session.begin():
                 late = IdempotentRequest(key=key)
-                await late.record_final(session, 1, Reply(201, "{}"), sent=sent)
+                await late.record_final(
+                    session, 1, ErrorDetail(detail="late"), status_code=201, sent=sent
+                )
         finally:
             await engine.dispose()
 
