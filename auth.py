@@ -21,12 +21,11 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from loguru import logger
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, func, select
-from sqlmodel.ext.asyncio.session import AsyncSession
 
-from db import DATABASE_UNREACHABLE, engine
+from db import DATABASE_UNREACHABLE, execute_core
 from models import ApiKey, ApiKeyScope, ErrorDetail
-from settings import settings
 
 SECRET_PREFIX = "inv_"  # noqa: S105  (a marker for humans and secret scanners, not a secret)
 RELOAD_EVERY_S = 2.0  # well inside the 5 s a revocation may take
@@ -57,10 +56,17 @@ class KnownKey:
     secret_hash: str
 
 
+ACTIVE_KEYS = select(
+    col(ApiKey.id), col(ApiKey.name), col(ApiKey.scope), col(ApiKey.secret_hash)
+).where(col(ApiKey.revoked_at).is_(None))
+
+
 @dataclass
 class KeyTable:
-    """The active keys by secret hash, as of the last reload."""
+    """The active keys by secret hash, as of the last reload; one per app, made in its
+    lifespan."""
 
+    engine: AsyncEngine
     by_hash: dict[str, KnownKey] = field(default_factory=dict)
     loaded_at: float | None = None
     reloading: bool = False
@@ -68,12 +74,9 @@ class KeyTable:
     last_used_written: dict[int, float] = field(default_factory=dict)
 
     async def reload(self) -> None:
-        async with AsyncSession(engine) as session:
-            rows = await session.exec(select(ApiKey).where(col(ApiKey.revoked_at).is_(None)))
-            keys = [
-                KnownKey(row.id or 0, row.name, ApiKeyScope(row.scope), row.secret_hash)
-                for row in rows
-            ]
+        async with self.engine.connect() as connection:
+            rows = (await execute_core(connection, ACTIVE_KEYS)).all()
+        keys = [KnownKey(row.id, row.name, ApiKeyScope(row.scope), row.secret_hash) for row in rows]
         self.by_hash = {key.secret_hash: key for key in keys}
         self.loaded_at = time.monotonic()
 
@@ -125,7 +128,7 @@ class KeyTable:
         if now - self.last_used_written.get(key.id, -LAST_USED_EVERY_S) < LAST_USED_EVERY_S:
             return
         self.last_used_written[key.id] = now
-        run_in_background(write_last_used(key.id))
+        run_in_background(write_last_used(self.engine, key.id))
 
 
 BACKGROUND: set[asyncio.Task[None]] = set()  # strong references until each task is done
@@ -137,13 +140,10 @@ def run_in_background(work: Coroutine[Any, Any, None]) -> None:
     task.add_done_callback(BACKGROUND.discard)
 
 
-keys = KeyTable()
-
-
-async def write_last_used(key_id: int) -> None:
+async def write_last_used(engine: AsyncEngine, key_id: int) -> None:
     try:
-        async with AsyncSession(engine) as session, session.begin():
-            await session.exec(
+        async with engine.begin() as connection:
+            await connection.execute(
                 update(ApiKey).where(col(ApiKey.id) == key_id).values(last_used_at=func.now(6))
             )
     except DATABASE_UNREACHABLE:
@@ -183,10 +183,11 @@ async def authorize(
 ) -> KnownKey | None:
     """With AUTH=on: a known, unrevoked key; `read` keys for GET only; routes marked `public`
     need none. Off: nobody is asked."""
-    if settings.auth == "off" or is_public(request.scope.get("route")):
+    if request.state.settings.auth == "off" or is_public(request.scope.get("route")):
         return None
     if credentials is None:
         raise unauthorized("An API key is needed: send Authorization: Bearer <secret>")
+    keys: KeyTable = request.state.keys
     await keys.fresh()
     key = await keys.find_or_reload(credentials.credentials)
     if key is None:

@@ -2,12 +2,12 @@
 
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
-from sqlalchemy import func
+from sqlalchemy import Integer, bindparam, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from db import is_duplicate_key, retry_conflicts
+from db import Database, execute_core, is_duplicate_key, retry_conflicts
 from errors import ApiError
 from models import Customer, CustomerCreate, CustomerPublic
 
@@ -57,19 +57,35 @@ async def create_customer(session: AsyncSession, request: CustomerCreate) -> Cus
     )
 
 
-async def get_customer_or_404(session: AsyncSession, customer_id: int) -> CustomerPublic:
-    customer = await session.get(Customer, customer_id)
-    if customer is None:
+CUSTOMER_COLUMNS = (
+    col(Customer.customer_id),
+    col(Customer.customer_name),
+    col(Customer.customer_email),
+)
+READ_CUSTOMER = select(*CUSTOMER_COLUMNS).where(
+    col(Customer.customer_id) == bindparam("customer_id")
+)
+COUNT_CUSTOMERS = select(func.count()).select_from(Customer)
+CUSTOMERS_PAGE = (
+    select(*CUSTOMER_COLUMNS)
+    .order_by(col(Customer.customer_id))
+    .offset(bindparam("offset", type_=Integer))
+    .limit(bindparam("limit", type_=Integer))
+)
+
+
+async def get_customer_or_404(db: Database, customer_id: int) -> CustomerPublic:
+    row = (await execute_core(db, READ_CUSTOMER, {"customer_id": customer_id})).first()
+    if row is None:
         raise CustomerNotFoundError(customer_id)
-    return CustomerPublic.model_validate(customer.model_dump())
+    return CustomerPublic.model_validate(dict(row._mapping))
 
 
-async def list_customers(session: AsyncSession, params: Params) -> Page[CustomerPublic]:
+async def list_customers(db: Database, params: Params) -> Page[CustomerPublic]:
     """By customerId; a customer list is small next to invoices, so COUNT(*) is fine."""
     raw = params.to_raw_params().as_limit_offset()
-    total = (await session.exec(select(func.count()).select_from(Customer))).one()
-    rows = await session.exec(
-        select(Customer).order_by(col(Customer.customer_id)).offset(raw.offset).limit(raw.limit)
-    )
-    items = [CustomerPublic.model_validate(customer.model_dump()) for customer in rows]
+    total = (await execute_core(db, COUNT_CUSTOMERS)).scalar_one()
+    page = {"offset": raw.offset or 0, "limit": raw.limit}
+    rows = await execute_core(db, CUSTOMERS_PAGE, page)
+    items = [CustomerPublic.model_validate(dict(row._mapping)) for row in rows]
     return create_page(items, total=total, params=params)  # type: ignore[return-value]

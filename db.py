@@ -1,21 +1,22 @@
-"""Database access: one async engine per process, one session per request."""
+"""Database access: one async engine per app (built in its lifespan), a session for each
+write, a borrowed connection for each read."""
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import aiomysql
-from fastapi import Depends
+from fastapi import Depends, Request
 from pymysql.constants import CR, SERVER_STATUS
 from pymysql.err import OperationalError
 from sqlalchemy import CursorResult, Executable, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import PoolResetState
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from settings import Settings, settings
+from settings import Settings
 
 T = TypeVar("T")
 
@@ -178,42 +179,56 @@ def make_engine(config: Settings) -> AsyncEngine:
         },
     )
     event.listen(engine.sync_engine, "handle_error", classify_server_error, retval=True)
+    event.listen(engine.sync_engine.pool, "reset", roll_back_if_open)
     return engine
 
 
-engine = make_engine(settings)
-
-
-@event.listens_for(engine.sync_engine.pool, "reset")
 def roll_back_if_open(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
     """Return connections to the pool without an open transaction, in one round trip at most.
 
-    Every request ends its session's transaction itself (COMMIT, or ROLLBACK on close), and the
-    pool's own unconditional rollback-on-return would then cost each request a second round
-    trip. This one rolls back only when the server reports a transaction still open: a
-    connection can never go back to the pool holding another request's locks.
+    Every request ends its transaction itself (a write's COMMIT, or the ROLLBACK when its
+    session or a read's connection closes), and the pool's own unconditional
+    rollback-on-return would then cost each request a second round trip. This one rolls back
+    only when the server reports a transaction still open: a connection can never go back to
+    the pool holding another request's locks.
     """
     if state.asyncio_safe and dbapi_connection.driver_connection.in_transaction:
         dbapi_connection.rollback()
 
 
-async def get_session() -> AsyncIterator[AsyncSession]:
-    async with AsyncSession(engine, expire_on_commit=False) as session:
+async def get_engine(request: Request) -> AsyncEngine:
+    """The app's engine, from its lifespan state. A read borrows a pooled connection from it
+    for its statements (`async with engine.connect()`) and gives it back: no session, no
+    `yield` dependency, no transaction of its own beyond the statements'."""
+    engine: AsyncEngine = request.state.engine
+    return engine
+
+
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A write's session, on the app's engine."""
+    async with AsyncSession(request.state.engine, expire_on_commit=False) as session:
         yield session
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
+# Where a statement runs: a write's session (inside its transaction) or a read's connection.
+Database = AsyncSession | AsyncConnection
+
 
 async def execute_core(
-    session: AsyncSession, statement: Executable, params: Mapping[str, Any]
+    db: Database, statement: Executable, params: Mapping[str, Any] | None = None
 ) -> CursorResult[*tuple[Any, ...]]:
-    """Run a Core statement on the session's connection, inside its transaction.
+    """Run a Core statement (built from the SQLModel tables) on a read's connection, or on a
+    write session's connection inside its transaction: the one way the app runs a statement.
 
-    For reads of plain columns and writes that need no objects back: the ORM's per-statement
-    bookkeeping costs more than the round trip itself and buys these statements nothing.
+    Rows come back as plain columns: the ORM's per-statement bookkeeping costs more than the
+    round trip itself and buys these statements nothing.
     """
-    connection = await session.connection()
+    connection = db if isinstance(db, AsyncConnection) else await db.connection()
     return await connection.execute(statement, params)
 
 

@@ -51,7 +51,7 @@ from auth import KnownKey, authorize
 from db import DATABASE_UNREACHABLE, TransactionConflictError, duplicate_key_name
 from errors import ApiError
 from models import Card, IdempotencyRecord, InvoiceCreate
-from settings import settings
+from settings import SettingsDep
 
 HEADER = "Idempotency-Key"
 VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
@@ -141,6 +141,7 @@ class IdempotentRequest:
     # the earlier one that `begin` resumes).
     created_invoice_id: str | None = None
     stale_after: timedelta = field(default=timedelta(minutes=5))
+    ttl: timedelta = field(default=timedelta(hours=24))
 
     async def begin(self, session: AsyncSession, body: BaseModel | None) -> Response | None:
         """The stored reply for this key, if there is one; raise if the key cannot be used;
@@ -204,7 +205,7 @@ class IdempotentRequest:
                 payment_id=payment_id,
                 response_status=None if reply is None else reply.status_code,
                 response_body=None if reply is None else reply.body,
-                expires_at=now() + timedelta(hours=settings.idempotency_ttl_hours),
+                expires_at=now() + self.ttl,
             )
         )
 
@@ -242,11 +243,18 @@ class IdempotentRequest:
             raise IdempotencyKeyInUseError()
 
     async def record_final(
-        self, session: AsyncSession, payment_id: int, reply: Reply, *, sent: bool
+        self,
+        session: AsyncSession,
+        payment_id: int,
+        outcome: BaseModel | ApiError,
+        *,
+        status_code: int,
+        sent: bool,
     ) -> None:
-        """In the transaction that records the outcome of attempt `payment_id`: the reply is
-        stored with it. If no charge was sent, the reply asks for a retry and is not stored:
-        a create's key goes back to `invoice_created`, a payment's key is dropped.
+        """In the transaction that records the outcome of attempt `payment_id`: the reply to
+        `outcome` (`status_code` for a success) is stored with it. If no charge was sent, the
+        reply asks for a retry and is not stored: a create's key goes back to
+        `invoice_created`, a payment's key is dropped.
 
         Only while the row is still that attempt's, unanswered: an outcome recorded late (a
         retry after a lost acknowledgement, the background recorder) must not touch the row
@@ -259,6 +267,7 @@ class IdempotentRequest:
             col(IdempotencyRecord.response_status).is_(None),
         )
         if sent:
+            reply = Reply.of(outcome, status_code)
             statement: Any = (
                 update(IdempotencyRecord)
                 .where(*mine)
@@ -298,6 +307,7 @@ class IdempotentRequest:
 
 async def idempotent_request(
     request: Request,
+    config: SettingsDep,
     api_key: Annotated[KnownKey | None, Depends(authorize)],
     idempotency_key: Annotated[
         str | None,
@@ -325,7 +335,8 @@ async def idempotent_request(
         owner="" if api_key is None else f"api-key:{api_key.id}",
         method=request.method,
         path=request.url.path,
-        stale_after=timedelta(seconds=settings.payment_stale_after_s),
+        stale_after=timedelta(seconds=config.payment_stale_after_s),
+        ttl=timedelta(hours=config.idempotency_ttl_hours),
     )
 
 

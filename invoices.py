@@ -1,7 +1,9 @@
 """Invoices: read one, list a page, scroll with a cursor, create.
 
 Reads are plain column selects (rows, not ORM objects) built once at import, so a request
-skips building and cache-keying them, and turned into `InvoicePublic` by `to_public`.
+skips building and cache-keying them, run with `db.execute_core` on the connection a read
+borrows (or, inside a write, on its session's), and turned into `InvoicePublic` by
+`to_public`.
 """
 
 import math
@@ -12,11 +14,11 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any
 
-from fastapi import Depends, Query
+from fastapi import Depends, Query, Request
 from fastapi.responses import Response
 from fastapi_pagination import Page, Params, create_page
 from loguru import logger
-from pydantic import BeforeValidator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, field_validator
 from sqlalchemy import (
     ColumnElement,
     Integer,
@@ -36,7 +38,7 @@ from sqlmodel.sql.expression import Select, SelectOfScalar
 
 from api_docs import invalid
 from customers import CustomerNotFoundError
-from db import execute_core, retry_conflicts
+from db import Database, execute_core, retry_conflicts
 from errors import ApiError
 from idempotency import IdempotentRequest, Reply
 from models import (
@@ -58,7 +60,7 @@ from models import (
     uuid7,
 )
 from observability import add_log_fields
-from settings import settings
+from settings import Settings
 
 # A statement of `invoice_rows`, and one row of its result: the columns by name.
 InvoiceSelect = Select[*tuple[Any, ...]]
@@ -100,10 +102,10 @@ READ_INVOICE = invoice_rows().where(THIS_INVOICE)
 
 
 async def fetch(
-    session: AsyncSession, statement: InvoiceSelect, params: dict[str, Any]
+    db: Database, statement: InvoiceSelect, params: dict[str, Any]
 ) -> Sequence[InvoiceRow]:
     """Rows by column name, read as a Core statement (`db.execute_core`)."""
-    return (await execute_core(session, statement, params)).all()
+    return (await execute_core(db, statement, params)).all()
 
 
 def to_public(row: InvoiceRow) -> InvoicePublic:
@@ -126,13 +128,13 @@ def to_public(row: InvoiceRow) -> InvoicePublic:
     )
 
 
-async def find_invoice(session: AsyncSession, invoice_id: str) -> InvoicePublic | None:
-    rows = await fetch(session, READ_INVOICE, {"invoice_id": invoice_id})
+async def find_invoice(db: Database, invoice_id: str) -> InvoicePublic | None:
+    rows = await fetch(db, READ_INVOICE, {"invoice_id": invoice_id})
     return to_public(rows[0]) if rows else None
 
 
-async def get_invoice_or_404(session: AsyncSession, invoice_id: uuid.UUID) -> InvoicePublic:
-    invoice = await find_invoice(session, str(invoice_id))
+async def get_invoice_or_404(db: Database, invoice_id: uuid.UUID) -> InvoicePublic:
+    invoice = await find_invoice(db, str(invoice_id))
     if invoice is None:
         raise InvoiceNotFoundError(str(invoice_id))
     return invoice
@@ -279,41 +281,48 @@ def page_statement(shape: FilterShape, *, keyset: bool) -> InvoiceSelect:
     return invoice_rows(page).order_by(*NEWEST_FIRST)
 
 
-async def count_invoices(session: AsyncSession, where: InvoiceFilter) -> int:
-    connection = await session.connection()
-    return int(await connection.scalar(count_statement(where.shape), where.params()))
+async def count_invoices(db: Database, where: InvoiceFilter) -> int:
+    return int((await execute_core(db, count_statement(where.shape), where.params())).scalar_one())
 
 
-async def list_page(
-    session: AsyncSession, where: InvoiceFilter, params: Params
-) -> Page[InvoicePublic]:
+async def list_page(db: Database, query: "InvoicePageQuery") -> Page[InvoicePublic]:
     """Newest first, id as tie-breaker; a page past the end costs no item query."""
+    where, params = query.where, query.params
     raw = params.to_raw_params().as_limit_offset()
     offset = raw.offset or 0
-    total = await count_invoices(session, where)
+    total = await count_invoices(db, where)
     items: list[InvoicePublic] = []
     if offset < total:
         page = {"offset": offset, "limit": raw.limit, **where.params()}
-        rows = await fetch(session, page_statement(where.shape, keyset=False), page)
+        rows = await fetch(db, page_statement(where.shape, keyset=False), page)
         items = [to_public(row) for row in rows]
     return create_page(items, total=total, params=params)  # type: ignore[return-value]
 
 
-async def page_params(
-    page: Annotated[int, Query(ge=1, description="Page number")] = 1,
-    size: Annotated[int, Query(ge=1, le=100, description="Items per page")] = 10,
-) -> Params:
+def checked_page(page: int, size: int, config: Settings) -> Params:
     """A page number is refused at once when it starts deeper than MAX_PAGE_OFFSET rows: an
     offset that deep costs the database more than any page is worth."""
     offset = (page - 1) * size
-    if offset > settings.max_page_offset:
+    if offset > config.max_page_offset:
         raise invalid(
             ("query", "page"),
-            f"page {page} starts {offset} rows deep, past the {settings.max_page_offset} that "
+            f"page {page} starts {offset} rows deep, past the {config.max_page_offset} that "
             "page numbers reach; to go deeper through invoices, continue with "
             "GET /invoices/scroll, whose cost does not grow with depth",
         )
     return Params(page=page, size=size)
+
+
+async def page_params(
+    request: Request,
+    page: Annotated[int, Query(ge=1, description="Page number")] = 1,
+    size: Annotated[int, Query(ge=1, le=100, description="Items per page")] = 10,
+) -> Params:
+    """The page of a list other than the invoices' (customers, payments)."""
+    return checked_page(page, size, request.state.settings)
+
+
+PageDep = Annotated[Params, Depends(page_params)]
 
 
 def decode_cursor_or_422(cursor: str) -> tuple[datetime, str]:
@@ -325,25 +334,24 @@ def decode_cursor_or_422(cursor: str) -> tuple[datetime, str]:
         ) from None
 
 
-async def scroll(
-    session: AsyncSession, where: InvoiceFilter, size: int, cursor: str | None
-) -> InvoiceScrollPage:
+async def scroll(db: Database, query: "InvoiceSliceQuery") -> InvoiceScrollPage:
     """Keyset pagination: continue strictly after the last (created_at, id) seen."""
+    where, size = query.where, query.size
     slice_params: dict[str, Any] = {"limit": size + 1, **where.params()}
-    if cursor is None:
+    if query.after is None:
         slice_params["offset"] = 0
     else:
-        created_at, invoice_id = decode_cursor_or_422(cursor)
+        created_at, invoice_id = query.after
         slice_params |= {"after_created_at": created_at, "after_id": invoice_id}
-    statement = page_statement(where.shape, keyset=cursor is not None)
-    rows = await fetch(session, statement, slice_params)
+    statement = page_statement(where.shape, keyset=query.after is not None)
+    rows = await fetch(db, statement, slice_params)
     next_cursor = None
     if len(rows) > size:
         last = rows[size - 1]
         next_cursor = encode_cursor(last.created_at, last.id)
     return InvoiceScrollPage(
         items=[to_public(row) for row in rows[:size]],
-        total=await count_invoices(session, where),
+        total=await count_invoices(db, where),
         size=size,
         next_cursor=next_cursor,
     )
@@ -449,37 +457,97 @@ def to_utc(value: object) -> object:
 UtcDateTime = Annotated[datetime, BeforeValidator(to_utc)]
 
 
-async def invoice_filter(
-    invoice_status: Annotated[
-        InvoiceStatus | None, Query(alias="invoiceStatus", description="Only this status")
-    ] = None,
-    customer_id: Annotated[
-        int | None,
-        Query(alias="customerId", ge=1, le=2_147_483_647, description="Only this customer's"),
-    ] = None,
-    created_from: Annotated[
-        UtcDateTime | None,
-        Query(
-            alias="createdFrom",
-            description="Created at or after this ISO 8601 date or date-time (UTC unless an "
-            "offset is given)",
-        ),
-    ] = None,
-    created_to: Annotated[
-        UtcDateTime | None,
-        Query(alias="createdTo", description="Created before this date or date-time"),
-    ] = None,
-) -> InvoiceFilter:
-    if created_from and created_to and created_from >= created_to:
-        raise invalid(("query", "createdTo"), "createdTo must be later than createdFrom")
-    return InvoiceFilter(invoice_status, customer_id, created_from, created_to)
+class InvoiceFilterQuery(BaseModel):
+    """The filters of `GET /invoices` and `/invoices/scroll`, each an optional query parameter."""
+
+    invoice_status: InvoiceStatus | None = Field(
+        None, alias="invoiceStatus", description="Only this status"
+    )
+    customer_id: int | None = Field(
+        None, alias="customerId", ge=1, le=2_147_483_647, description="Only this customer's"
+    )
+    created_from: UtcDateTime | None = Field(
+        None,
+        alias="createdFrom",
+        description="Created at or after this ISO 8601 date or date-time (UTC unless an offset "
+        "is given)",
+    )
+    created_to: UtcDateTime | None = Field(
+        None, alias="createdTo", description="Created before this date or date-time"
+    )
+
+    @field_validator("created_to")
+    @classmethod
+    def later_than_created_from(
+        cls, created_to: datetime | None, info: ValidationInfo
+    ) -> datetime | None:
+        created_from = info.data.get("created_from")
+        if created_from and created_to and created_from >= created_to:
+            raise ValueError("createdTo must be later than createdFrom")
+        return created_to
+
+    def where(self) -> InvoiceFilter:
+        return InvoiceFilter(
+            self.invoice_status, self.customer_id, self.created_from, self.created_to
+        )
 
 
-InvoiceFilterDep = Annotated[InvoiceFilter, Depends(invoice_filter)]
+class InvoiceListQuery(InvoiceFilterQuery):
+    """The query parameters of `GET /invoices`: the filters and a page."""
+
+    page: int = Field(1, ge=1, description="Page number")
+    size: int = Field(10, ge=1, le=100, description="Items per page")
+
+
+class InvoiceScrollQuery(InvoiceFilterQuery):
+    """The query parameters of `GET /invoices/scroll`: the filters and a slice."""
+
+    size: int = Field(10, ge=1, le=100, description="Invoices per slice")
+    cursor: str | None = Field(
+        None,
+        max_length=200,
+        description="`nextCursor` of the previous slice; omit to start",
+    )
+
+
+@dataclass(frozen=True)
+class InvoicePageQuery:
+    """A `GET /invoices` request, checked: which invoices, which page."""
+
+    where: InvoiceFilter
+    params: Params
+
+
+@dataclass(frozen=True)
+class InvoiceSliceQuery:
+    """A `GET /invoices/scroll` request, checked: which invoices, how many, after where."""
+
+    where: InvoiceFilter
+    size: int
+    after: tuple[datetime, str] | None  # the (created_at, id) of the last invoice seen
+
+
+async def invoice_page_query(
+    request: Request, query: Annotated[InvoiceListQuery, Query()]
+) -> InvoicePageQuery:
+    """Filters, page and page depth of a list request, resolved in one dependency: its query
+    parameters validated as one model, the depth checked against the app's settings."""
+    params = checked_page(query.page, query.size, request.state.settings)
+    return InvoicePageQuery(query.where(), params)
+
+
+async def invoice_slice_query(query: Annotated[InvoiceScrollQuery, Query()]) -> InvoiceSliceQuery:
+    """Filters, size and cursor of a scroll request, resolved in one dependency."""
+    after = None if query.cursor is None else decode_cursor_or_422(query.cursor)
+    return InvoiceSliceQuery(query.where(), query.size, after)
+
+
+InvoicePageDep = Annotated[InvoicePageQuery, Depends(invoice_page_query)]
+InvoiceSliceDep = Annotated[InvoiceSliceQuery, Depends(invoice_slice_query)]
 
 
 async def cancel_invoice(
-    session: AsyncSession, invoice_id: uuid.UUID, idempotency: IdempotentRequest
+    session: AsyncSession, invoice_id: uuid.UUID, idempotency: IdempotentRequest, config: Settings
 ) -> InvoicePublic | Response:
     """PENDING -> CANCELLED under the invoice row lock, the lock a payment's claim takes too,
     so a cancel and a pay of one invoice never both succeed. Cancelling again changes nothing.
@@ -501,7 +569,7 @@ async def cancel_invoice(
                     )
                 cancelled_now = status == InvoiceStatus.PENDING
                 if cancelled_now:
-                    await refuse_if_payment_unsettled(session, key)
+                    await refuse_if_payment_unsettled(session, key, config)
                     await execute_core(session, CANCEL_INVOICE, {"invoice_id": key})
                     await count_status_change(session, status, InvoiceStatus.CANCELLED)
                 cancelled = await get_invoice_or_404(session, invoice_id)
@@ -531,10 +599,12 @@ def unsettled_attempts(stale_after_s: int) -> Select[int | None, str, bool]:
     )
 
 
-async def refuse_if_payment_unsettled(session: AsyncSession, invoice_id: str) -> None:
+async def refuse_if_payment_unsettled(
+    session: AsyncSession, invoice_id: str, config: Settings
+) -> None:
     """409 while any attempt of the invoice is in flight or has an unknown outcome (a
     PROCESSING attempt past the stale margin may have been charged: it is unknown too)."""
-    stale_after_s = math.ceil(settings.payment_stale_after_s)
+    stale_after_s = math.ceil(config.payment_stale_after_s)
     found = await execute_core(
         session, unsettled_attempts(stale_after_s), {"invoice_id": invoice_id}
     )
@@ -556,54 +626,78 @@ def as_utc(moment: datetime | None) -> datetime:
     return moment.replace(tzinfo=UTC)
 
 
-async def payment_history(session: AsyncSession, invoice_id: uuid.UUID) -> PaymentHistory:
+# An attempt as the API shows it: every column but the markers.
+PAYMENT_COLUMNS = (
+    col(Payment.id),
+    col(Payment.invoice_id),
+    col(Payment.card_number),
+    col(Payment.card_name),
+    col(Payment.card_expiry),
+    col(Payment.payment_status),
+    col(Payment.reason),
+    col(Payment.resolved_at),
+    col(Payment.resolved_by),
+    col(Payment.created_at),
+    col(Payment.modified_at),
+)
+INVOICE_EXISTS = select(col(Invoice.id)).where(THIS_INVOICE)
+ATTEMPTS_OF_INVOICE: Select[*tuple[Any, ...]] = (
+    Select(*PAYMENT_COLUMNS)
+    .where(col(Payment.invoice_id) == bindparam("invoice_id"))
+    .order_by(col(Payment.id).desc())
+)
+
+
+async def payment_history(db: Database, invoice_id: uuid.UUID) -> PaymentHistory:
     """Every attempt to charge a card for the invoice, newest first, masked cards only."""
-    key = str(invoice_id)
-    if await session.get(Invoice, key) is None:
-        raise InvoiceNotFoundError(key)
-    attempts = await session.exec(
-        select(Payment).where(Payment.invoice_id == key).order_by(col(Payment.id).desc())
-    )
-    return PaymentHistory(items=[public_payment(payment) for payment in attempts])
+    key = {"invoice_id": str(invoice_id)}
+    if (await execute_core(db, INVOICE_EXISTS, key)).first() is None:
+        raise InvoiceNotFoundError(str(invoice_id))
+    attempts = await execute_core(db, ATTEMPTS_OF_INVOICE, key)
+    return PaymentHistory(items=[public_payment(row) for row in attempts])
 
 
-def public_payment(payment: Payment) -> PaymentPublic:
-    assert payment.id is not None  # read from the table
-    card = MaskedCard(
-        number=payment.card_number, expiry=payment.card_expiry, name=payment.card_name
-    )
+def public_payment(row: Row[*tuple[Any, ...]]) -> PaymentPublic:
+    """A row of `PAYMENT_COLUMNS` as the API shows it."""
+    card = MaskedCard(number=row.card_number, expiry=row.card_expiry, name=row.card_name)
     return PaymentPublic(
-        payment_id=payment.id,
-        status=payment.payment_status,
-        reason=payment.reason,
+        payment_id=row.id,
+        status=row.payment_status,
+        reason=row.reason,
         card=card,
-        created_at=as_utc(payment.created_at),
-        modified_at=as_utc(payment.modified_at),
-        resolved_by=payment.resolved_by,
-        resolved_at=payment.resolved_at and as_utc(payment.resolved_at),
+        created_at=as_utc(row.created_at),
+        modified_at=as_utc(row.modified_at),
+        resolved_by=row.resolved_by,
+        resolved_at=row.resolved_at and as_utc(row.resolved_at),
     )
+
+
+@cache
+def payments_page(status: bool) -> tuple[Select[*tuple[Any, ...]], SelectOfScalar[int]]:
+    """A page of attempts across invoices newest first, and their total; with `status`, of
+    those in one state (a range of the (payment_status, id) index)."""
+    rows: Select[*tuple[Any, ...]] = Select(*PAYMENT_COLUMNS)
+    total = select(func.count()).select_from(Payment)
+    if status:
+        rows = rows.where(col(Payment.payment_status) == bindparam("status"))
+        total = total.where(col(Payment.payment_status) == bindparam("status"))
+    page = rows.order_by(col(Payment.id).desc()).offset(bindparam("offset", type_=Integer))
+    return page.limit(bindparam("limit", type_=Integer)), total
 
 
 async def list_payments(
-    session: AsyncSession, status: PaymentStatus | None, params: Params
+    db: Database, status: PaymentStatus | None, params: Params
 ) -> Page[PaymentListItem]:
     """Attempts across invoices, newest first, optionally in one state: what an operator
-    works through (UNKNOWN to resolve, REFUND_DUE to refund). Each state is a range of the
-    (payment_status, id) index."""
+    works through (UNKNOWN to resolve, REFUND_DUE to refund)."""
     raw = params.to_raw_params().as_limit_offset()
-    query = select(Payment)
-    total = select(func.count()).select_from(Payment)
+    rows, total = payments_page(status is not None)
+    values: dict[str, Any] = {"offset": raw.offset or 0, "limit": raw.limit}
     if status is not None:
-        query = query.where(col(Payment.payment_status) == status)
-        total = total.where(col(Payment.payment_status) == status)
-    rows = await session.exec(
-        query.order_by(col(Payment.id).desc()).offset(raw.offset).limit(raw.limit)
-    )
+        values["status"] = status
     items = [
-        PaymentListItem(
-            **public_payment(payment).model_dump(), invoice_id=uuid.UUID(payment.invoice_id)
-        )
-        for payment in rows
+        PaymentListItem(**public_payment(row).model_dump(), invoice_id=uuid.UUID(row.invoice_id))
+        for row in await execute_core(db, rows, values)
     ]
-    count = (await session.exec(total)).one()
+    count = (await execute_core(db, total, values)).scalar_one()
     return create_page(items, total=count, params=params)  # type: ignore[return-value]

@@ -1,22 +1,26 @@
 """Invoice API: create invoices, pay them by card through FakePay, list them in pages.
 
-The app and its lifespan, then every route, then the status code of every failure
+The app factory and its lifespan, then every route, then the status code of every failure
 (`add_exception_handlers`). The work itself is in invoices.py, payments.py and customers.py.
+Writes take a session (`SessionDep`); reads borrow a pooled connection from the app's engine
+(`EngineDep`) for their statements and give it back.
 """
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from functools import partial
+from typing import Annotated, Any, TypedDict, TypeVar
 
-from fastapi import Body, Depends, FastAPI, Path, Query, Request, status
+from fastapi import Body, FastAPI, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
-from fastapi_pagination import Page, Params
+from fastapi_pagination import Page
 from loguru import logger
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import select
 
 import api_docs
@@ -33,9 +37,23 @@ from api_docs import (
     PAY_ID_EXAMPLES,
     READ_EXAMPLES,
 )
-from auth import AdminDep, Authorized, document_security, open_documentation, public
+from auth import (
+    AdminDep,
+    Authorized,
+    KeyTable,
+    document_security,
+    open_documentation,
+    public,
+)
 from customers import CustomerNotFoundError, EmailTakenError, get_customer_or_404
-from db import DATABASE_UNREACHABLE, SessionDep, TransactionConflictError, engine
+from db import (
+    DATABASE_UNREACHABLE,
+    EngineDep,
+    SessionDep,
+    TransactionConflictError,
+    execute_core,
+    make_engine,
+)
 from errors import ApiError, DatabaseUnavailableError, LostRaceError, responses
 from exact_json import ExactJSONRoute
 from idempotency import (
@@ -46,13 +64,14 @@ from idempotency import (
 )
 from invoices import (
     InvoiceConflictError,
-    InvoiceFilterDep,
     InvoiceNotFoundError,
+    InvoicePageDep,
+    InvoiceSliceDep,
     OutcomeUnknownError,
+    PageDep,
     PaymentInProgressError,
     get_invoice_or_404,
     list_page,
-    page_params,
     payment_history,
     scroll,
 )
@@ -87,9 +106,7 @@ from payments import (
     RecorderDep,
     sweep_stalled_forever,
 )
-from settings import settings
-
-configure_logging()
+from settings import Settings, SettingsDep
 
 
 def operation_id(route: APIRoute) -> str:
@@ -99,50 +116,109 @@ def operation_id(route: APIRoute) -> str:
     return route.name
 
 
+class State(TypedDict):
+    """What the lifespan hands every request (`request.state`): the app's settings, its
+    engine, the API key table, one pooled FakePay client, and the recorder of payment
+    outcomes the database would not take in time."""
+
+    settings: Settings
+    engine: AsyncEngine
+    keys: KeyTable
+    fakepay: FakePayClient
+    recorder: OutcomeRecorder
+
+
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-    """Per process, handed to requests as lifespan state: one pooled FakePay client and the
-    recorder of payment outcomes the database would not take in time. In the background: the
-    purge of expired Idempotency-Keys and the sweep that turns stalled attempts UNKNOWN."""
-    fakepay = FakePayClient(settings)
+async def lifespan(app: FastAPI, config: Settings) -> AsyncIterator[State]:
+    """Per process: the engine and the clients, built here rather than at import; in the
+    background, the purge of expired Idempotency-Keys and the sweep that turns stalled
+    attempts UNKNOWN."""
+    engine = make_engine(config)
+    fakepay = FakePayClient(config)
     recorder = OutcomeRecorder(engine)
-    metrics.start(engine, settings)
+    metrics.start(engine, config)
     background = [
         asyncio.create_task(purge_expired_keys_forever(engine)),
         asyncio.create_task(sweep_stalled_forever(engine, fakepay.stale_after_s)),
     ]
-    logger.info("invoice API started; FakePay at {}", settings.fakepay_url)
+    logger.info("invoice API started; FakePay at {}", config.fakepay_url)
     try:
-        yield {"fakepay": fakepay, "recorder": recorder}
+        yield State(
+            settings=config,
+            engine=engine,
+            keys=KeyTable(engine),
+            fakepay=fakepay,
+            recorder=recorder,
+        )
     finally:
         for task in background:
             task.cancel()
         await recorder.aclose()
         await fakepay.aclose()
         metrics.stop()
+        await engine.dispose()
 
 
-# FastAPIOffline serves Swagger UI and ReDoc from pinned, packaged assets instead of a CDN,
-# so /docs works on machines without internet access.
-app = FastAPIOffline(
-    title=api_docs.TITLE,
-    version="0.2.0",
-    summary=api_docs.SUMMARY,
-    description=api_docs.DESCRIPTION,
-    openapi_tags=api_docs.TAGS,
-    lifespan=lifespan,
-    generate_unique_id_function=operation_id,
-    dependencies=[Authorized],  # every route needs a key with AUTH=on, unless marked `public`
-)
-app.router.route_class = ExactJSONRoute
-app.add_middleware(RequestContextMiddleware)  # the outermost: every reply gets its request id
-api_docs.document_validation_errors(app)
-open_documentation(app)
-document_security(app)
-# The status code of every failure: `add_exception_handlers`, at the end of this file.
+def create_app(config: Settings | None = None) -> FastAPI:
+    """The app, for `config` (by default the settings from `.env` and the environment)."""
+    config = config or Settings()
+    configure_logging(config)
+    # FastAPIOffline serves Swagger UI and ReDoc from pinned, packaged assets instead of a
+    # CDN, so /docs works on machines without internet access.
+    app = FastAPIOffline(
+        title=api_docs.TITLE,
+        version="0.2.0",
+        summary=api_docs.SUMMARY,
+        description=api_docs.DESCRIPTION,
+        openapi_tags=api_docs.TAGS,
+        lifespan=partial(lifespan, config=config),
+        generate_unique_id_function=operation_id,
+        dependencies=[Authorized],  # every route needs a key with AUTH=on, unless `public`
+    )
+    app.router.route_class = ExactJSONRoute
+    routes.add_to(app)
+    app.add_middleware(RequestContextMiddleware)  # the outermost: every reply gets its id
+    api_docs.document_validation_errors(app)
+    open_documentation(app)
+    document_security(app)
+    add_exception_handlers(app)
+    return app
 
 
-PageDep = Annotated[Params, Depends(page_params)]
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+class Routes:
+    """The routes below, recorded by their decorators and added to every app `create_app`
+    makes, as that app's own routes (its dependencies, its dependency overrides). FastAPI's
+    `include_router` would nest them in a lazily resolved router instead, which `app.routes`
+    does not list (the key checks and the tests walk it)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str, Callable[..., Any], dict[str, Any]]] = []
+
+    def get(self, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+        return self._record("GET", path, options)
+
+    def post(self, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+        return self._record("POST", path, options)
+
+    def _record(
+        self, method: str, path: str, options: dict[str, Any]
+    ) -> Callable[[Endpoint], Endpoint]:
+        def record(endpoint: Endpoint) -> Endpoint:
+            self.recorded.append((method, path, endpoint, options))
+            return endpoint
+
+        return record
+
+    def add_to(self, app: FastAPI) -> None:
+        for method, path, endpoint, options in self.recorded:
+            app.add_api_route(path, endpoint, methods=[method], **options)
+
+
+routes = Routes()
+HEALTH_PROBE = select(1)
 
 # What the routes can answer besides success, documented from the errors' own classes.
 KEY_ERRORS = (IdempotencyKeyInUseError, IdempotentRequestUnfinishedError)
@@ -162,7 +238,7 @@ PAYMENT_ERRORS = (
 )
 
 
-@app.get(
+@routes.get(
     "/health-check",
     tags=["health"],
     summary="Check the service and its database",
@@ -170,16 +246,17 @@ PAYMENT_ERRORS = (
     responses={503: {"model": HealthStatus, "description": "The database is unreachable"}},
 )
 @public
-async def health_check(session: SessionDep) -> Any:
+async def health_check(engine: EngineDep) -> Any:
     """UP only after a real round trip to the database."""
     try:
-        await session.exec(select(1))
+        async with engine.connect() as connection:
+            await execute_core(connection, HEALTH_PROBE)
     except DATABASE_UNREACHABLE:
         return JSONResponse({"status": "DOWN"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
     return HealthStatus(status="UP")
 
 
-@app.get(
+@routes.get(
     "/invoice/{invoice_id}",
     tags=["invoices"],
     summary="Read one invoice",
@@ -187,13 +264,14 @@ async def health_check(session: SessionDep) -> Any:
     responses=responses(InvoiceNotFoundError, DatabaseUnavailableError),
 )
 async def read_invoice(
-    invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], session: SessionDep
+    invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], engine: EngineDep
 ) -> InvoicePublic:
     """One invoice with its customer, and the masked card once paid."""
-    return await get_invoice_or_404(session, invoice_id)
+    async with engine.connect() as connection:
+        return await get_invoice_or_404(connection, invoice_id)
 
 
-@app.post(
+@routes.post(
     "/invoice",
     tags=["invoices"],
     summary="Create an invoice, optionally paying it by card",
@@ -220,7 +298,7 @@ async def create_invoice(
     return await payments.create_invoice(session, fakepay, recorder, request, idempotency)
 
 
-@app.post(
+@routes.post(
     "/invoice/pay/{invoice_id}",
     tags=["invoices"],
     summary="Pay a PENDING invoice by card",
@@ -250,7 +328,7 @@ async def pay_invoice(
     )
 
 
-@app.post(
+@routes.post(
     "/invoice/cancel/{invoice_id}",
     tags=["invoices"],
     summary="Cancel (void) a PENDING invoice",
@@ -269,15 +347,16 @@ async def cancel_invoice(
     invoice_id: Annotated[uuid.UUID, Path(openapi_examples=CANCEL_ID_EXAMPLES)],
     session: SessionDep,
     idempotency: IdempotencyDep,
+    config: SettingsDep,
 ) -> InvoicePublic | Response:
     """Mark a PENDING invoice CANCELLED; cancelling a CANCELLED invoice again changes nothing.
 
     Try it with the seeded PENDING invoice `6f53c7be-0369-11f0-8d97-7c646cb7c0bc`.
     """
-    return await invoices.cancel_invoice(session, invoice_id, idempotency)
+    return await invoices.cancel_invoice(session, invoice_id, idempotency, config)
 
 
-@app.get(
+@routes.get(
     "/invoice/{invoice_id}/payments",
     tags=["invoices"],
     summary="Every payment attempt of an invoice",
@@ -285,13 +364,14 @@ async def cancel_invoice(
     responses=responses(InvoiceNotFoundError, DatabaseUnavailableError),
 )
 async def read_invoice_payments(
-    invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], session: SessionDep
+    invoice_id: Annotated[uuid.UUID, Path(openapi_examples=READ_EXAMPLES)], engine: EngineDep
 ) -> PaymentHistory:
     """Each attempt to charge a card for the invoice, newest first, with masked cards only."""
-    return await payment_history(session, invoice_id)
+    async with engine.connect() as connection:
+        return await payment_history(connection, invoice_id)
 
 
-@app.post(
+@routes.post(
     "/invoice/{invoice_id}/payments/{payment_id}/resolve",
     tags=["operators"],
     summary="Resolve a payment attempt whose outcome is unknown",
@@ -324,7 +404,7 @@ async def resolve_payment(
     )
 
 
-@app.get(
+@routes.get(
     "/payments",
     tags=["operators"],
     summary="List payment attempts across invoices, page by page",
@@ -332,7 +412,7 @@ async def resolve_payment(
     responses=responses(DatabaseUnavailableError),
 )
 async def list_payments(
-    session: SessionDep,
+    engine: EngineDep,
     params: PageDep,
     payment_status: Annotated[
         PaymentStatus | None,
@@ -342,19 +422,18 @@ async def list_payments(
     ] = None,
 ) -> Page[PaymentListItem]:
     """Attempts newest first, with the invoice each was for: what an operator works through."""
-    return await invoices.list_payments(session, payment_status, params)
+    async with engine.connect() as connection:
+        return await invoices.list_payments(connection, payment_status, params)
 
 
-@app.get(
+@routes.get(
     "/invoices",
     tags=["invoices"],
     summary="List invoices, page by page",
     response_model=Page[InvoicePublic],
     responses=responses(DatabaseUnavailableError),
 )
-async def list_invoices(
-    session: SessionDep, where: InvoiceFilterDep, params: PageDep
-) -> Page[InvoicePublic]:
+async def list_invoices(query: InvoicePageDep, engine: EngineDep) -> Page[InvoicePublic]:
     """Invoices newest first, ten to a page by default, filtered by any of status, customer
     and creation time.
 
@@ -363,31 +442,25 @@ async def list_invoices(
     status filter (or none) `total` is read from a counts table at no cost; with a customer
     or a date range it is a count of the matching invoices, which grows with their number.
     """
-    return await list_page(session, where, params)
+    async with engine.connect() as connection:
+        return await list_page(connection, query)
 
 
-@app.get(
+@routes.get(
     "/invoices/scroll",
     tags=["invoices"],
     summary="Scroll through invoices with a cursor",
     response_model=InvoiceScrollPage,
     responses=responses(DatabaseUnavailableError),
 )
-async def scroll_invoices(
-    session: SessionDep,
-    where: InvoiceFilterDep,
-    size: Annotated[int, Query(ge=1, le=100, description="Invoices per slice")] = 10,
-    cursor: Annotated[
-        str | None,
-        Query(max_length=200, description="`nextCursor` of the previous slice; omit to start"),
-    ] = None,
-) -> InvoiceScrollPage:
+async def scroll_invoices(query: InvoiceSliceDep, engine: EngineDep) -> InvoiceScrollPage:
     """Invoices newest first, slice by slice: the same order and filters as `GET /invoices`
     (send the same filters with every slice), at a cost that stays flat however deep you go."""
-    return await scroll(session, where, size, cursor)
+    async with engine.connect() as connection:
+        return await scroll(connection, query)
 
 
-@app.post(
+@routes.post(
     "/customer",
     tags=["customers"],
     summary="Create a customer",
@@ -403,7 +476,7 @@ async def create_customer(
     return await customers.create_customer(session, request)
 
 
-@app.get(
+@routes.get(
     "/customer/{customer_id}",
     tags=["customers"],
     summary="Read one customer",
@@ -412,25 +485,27 @@ async def create_customer(
 )
 async def read_customer(
     customer_id: Annotated[int, Path(ge=1, le=2_147_483_647, examples=[3])],
-    session: SessionDep,
+    engine: EngineDep,
 ) -> CustomerPublic:
     """One customer."""
-    return await get_customer_or_404(session, customer_id)
+    async with engine.connect() as connection:
+        return await get_customer_or_404(connection, customer_id)
 
 
-@app.get(
+@routes.get(
     "/customers",
     tags=["customers"],
     summary="List customers, page by page",
     response_model=Page[CustomerPublic],
     responses=responses(DatabaseUnavailableError),
 )
-async def list_customers(session: SessionDep, params: PageDep) -> Page[CustomerPublic]:
+async def list_customers(engine: EngineDep, params: PageDep) -> Page[CustomerPublic]:
     """Customers by id, ten to a page by default."""
-    return await customers.list_customers(session, params)
+    async with engine.connect() as connection:
+        return await customers.list_customers(connection, params)
 
 
-@app.get(
+@routes.get(
     "/metrics",
     tags=["operators"],
     summary="Metrics for Prometheus to scrape",
@@ -494,4 +569,5 @@ def add_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TransactionConflictError, conflict_handler)
 
 
-add_exception_handlers(app)
+# For `uvicorn main:app`: the app with the settings of `.env` and the environment.
+app = create_app()

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import metrics
-from settings import settings
+from settings import Settings
 
 if TYPE_CHECKING:
     from loguru import Record  # the stubs' name for a log record; not importable at run time
@@ -79,13 +79,13 @@ class InterceptHandler(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
-def configure_logging() -> None:
+def configure_logging(config: Settings) -> None:
     logger.remove()
     logger.configure(patcher=tag_with_request_fields)
     logger.add(
         sys.stderr,
-        level=settings.log_level.upper(),
-        serialize=settings.log_json,
+        level=config.log_level.upper(),
+        serialize=config.log_json,
         backtrace=False,
         diagnose=False,  # tracebacks must never print variable values: they may hold card data
         format=(

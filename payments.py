@@ -59,7 +59,7 @@ from db import (
     retry_conflicts,
 )
 from errors import ApiError
-from idempotency import IdempotentRequest, Reply
+from idempotency import IdempotentRequest
 from invoices import (
     THIS_INVOICE,
     InvoiceNotFoundError,
@@ -594,7 +594,7 @@ async def record_outcome(
         stands = await record_on_attempt(session, claimed, result)
         reply = ending(claimed, result, stands)
         await idempotency.record_final(
-            session, claimed.payment_id, Reply.of(reply, 201), sent=result.sent
+            session, claimed.payment_id, reply, status_code=201, sent=result.sent
         )
     return reply
 

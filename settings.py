@@ -1,8 +1,12 @@
-"""Configuration: `.env` at the project root, each value overridable by an environment variable."""
+"""Configuration: `.env` at the project root, each value overridable by an environment variable.
+
+The app reads it once, in `main.create_app`, and hands it to requests with its lifespan
+state; tests and tools build a `Settings` of their own."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from fastapi import Depends, Request
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import URL
@@ -135,4 +139,10 @@ class Settings(BaseSettings):
         )
 
 
-settings = Settings()
+async def get_settings(request: Request) -> Settings:
+    """The settings the app was made with, from its lifespan state."""
+    config: Settings = request.state.settings
+    return config
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -18,7 +18,9 @@ from fastapi import FastAPI, HTTPException
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from settings import settings
+from settings import Settings
+
+settings = Settings()  # the baselines read the same `.env` and environment as the app
 
 ROW = """
     SELECT i.id, i.job_description, i.customer_id, i.amount, i.invoice_status,

@@ -4,7 +4,9 @@ The machine is shared and its speed drifts, so every figure that matters is a ra
 baseline measured in the same run, alternating the two so drift hits both, and each figure is
 the median of several rounds. Load comes from wrk on loopback.
 
-    python -m bench.run [--rows N] [--duration S] [--rounds R] [--reuse]
+    python -m bench.run [--rows N] [--duration S] [--rounds R] [--reuse] [--profile-only]
+
+The run ends with a profile of one read (`bench.profile`), saved beside the results.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from bench.profile import profiled_app, write_profile
 from models import ApiKeyScope, encode_cursor
 from scripts.api_keys import create as create_api_key
 from scripts.processes import running_app, running_fakepay
@@ -280,6 +283,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure")
     parser.add_argument("--reuse", action="store_true", help="keep the bench database as is")
+    parser.add_argument(
+        "--profile-only", action="store_true", help="only the profile of one read, no ratios"
+    )
     args = parser.parse_args()
 
     dev = Settings()
@@ -296,13 +302,16 @@ def main() -> None:
     with running_fakepay(workdir / "fakepay.log") as fakepay:
         # INFO: the app writes its one line per request, as it does in production.
         env = {"DB_URL": bench_db, "FAKEPAY_URL": f"{fakepay.url}/fakepay", "LOG_LEVEL": "INFO"}
+        read = wrk.script("read", ids_script(ids))
+        if args.profile_only:
+            print(profile_read(wrk, env, read, workdir, args.duration))
+            return
         with contextlib.ExitStack() as stack:
             servers = {
                 name: stack.enter_context(running_app(workdir / f"{n}.log", env, app=app))
                 for n, (name, app) in enumerate(TARGETS.items())
             }
             urls = {name: running.url for name, running in servers.items()}
-            read = wrk.script("read", ids_script(ids))
             listing = wrk.script("list", get_script("/invoices"))
             filtered = wrk.script("list_pending", get_script("/invoices?invoiceStatus=PENDING"))
             for connections in (1, 32):
@@ -389,7 +398,23 @@ def main() -> None:
             )
             rss["app (2 workers, per worker)"] = peak_rss_mib(app2.process)
 
+        profile = profile_read(wrk, env, read, workdir, args.duration)
     report(measurements, rss, seed_rate, args)
+    print(f"\n{profile}")
+
+
+def profile_read(wrk: Wrk, env: dict[str, str], read: Path, workdir: Path, duration: int) -> str:
+    """The app under pyinstrument while wrk reads invoices at c=32 (one run to warm up, one
+    profiled in full): its call tree and the table of a read's parts, in bench/results."""
+    session_path = workdir / "read.pyisession"
+    with profiled_app(session_path, workdir / "profiled.log", env) as app:
+        warm = wrk.run(app.url, read, 32)
+        measured = wrk.run(app.url, read, 32)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{datetime.now(UTC).strftime('%Y-%m-%d')}-read-profile"
+    requests = warm["requests"] + measured["requests"]
+    print(f"profiled {requests} reads in {2 * duration} s", flush=True)
+    return write_profile(session_path, stem, requests)
 
 
 def timed_get(url: str, path: str, endpoint: str, rounds: int) -> Measurement:

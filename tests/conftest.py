@@ -1,5 +1,5 @@
-"""The test stack: a fresh database of its own, the real fake_pay.py, the app in process and
-as uvicorn processes. `tests.support` points the settings at it before anything else runs."""
+"""The test stack: a fresh database of its own, the real fake_pay.py, the app in process (made
+with the tests' settings) and as uvicorn processes (given them as environment variables)."""
 
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -7,9 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scripts.processes import Running, running_app, running_fakepay
+from scripts.processes import Running, running_fakepay
 from scripts.schema import apply_script, create_database, upgrade_to_head
 from tests.stand_in import StandInProvider
 from tests.support import (
@@ -18,6 +20,7 @@ from tests.support import (
     OneSlotProvider,
     OverrideFakePay,
     UseProvider,
+    app_process,
     settings,
 )
 from tests.tcp_proxy import TcpProxy
@@ -28,12 +31,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("after_everything") is not None)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def app_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Everything the in-process app logs, kept for the card-data check at the end."""
-    from loguru import logger
+@pytest.fixture(scope="session")
+def app() -> FastAPI:
+    """The in-process app, made with the tests' settings."""
+    from main import create_app
 
-    import main  # noqa: F401  (configures logging first, so this sink is added after it)
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def app_log(app: FastAPI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Everything the in-process app logs, kept for the card-data check at the end (the app
+    configures logging when it is made, so this sink is added after it)."""
+    from loguru import logger
 
     path = tmp_path_factory.mktemp("inprocess") / "app.log"
     sink_id = logger.add(path, level="DEBUG", serialize=True, diagnose=False)
@@ -64,11 +74,16 @@ def fakepay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakePayProcess
 
 
 @pytest.fixture(scope="session")
-def client(database: None, fakepay: FakePayProcess) -> Iterator[TestClient]:
-    from main import app
-
+def client(app: FastAPI, database: None, fakepay: FakePayProcess) -> Iterator[TestClient]:
     with TestClient(app) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def app_engine(client: TestClient) -> AsyncEngine:
+    """The in-process app's engine, from its lifespan state (run it on `client.portal`)."""
+    engine: AsyncEngine = client.app_state["engine"]
+    return engine
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +91,7 @@ def live_server(
     database: None, fakepay: FakePayProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Running]:
     """The app as users run it: a uvicorn process over real HTTP."""
-    with running_app(tmp_path_factory.mktemp("live") / "app.log") as server:
+    with app_process(tmp_path_factory.mktemp("live") / "app.log") as server:
         yield server
 
 
@@ -87,9 +102,8 @@ def http(live_server: Running) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def override_fakepay(client: TestClient) -> Iterator[OverrideFakePay]:
+def override_fakepay(app: FastAPI, client: TestClient) -> Iterator[OverrideFakePay]:
     """Replace the in-process app's FakePay dependency for one test."""
-    from main import app
     from payments import get_fakepay
 
     def override(dependency: Callable[[], Awaitable[Any]]) -> None:
@@ -153,5 +167,5 @@ def live_server_with_auth(
 ) -> Iterator[str]:
     """The app as users run it with AUTH=on."""
     log_path = tmp_path_factory.mktemp("live") / "app-auth.log"
-    with running_app(log_path, env={"AUTH": "on"}) as server:
+    with app_process(log_path, env={"AUTH": "on"}) as server:
         yield server.url

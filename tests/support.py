@@ -1,16 +1,16 @@
 """What the tests share: the test stack's settings, seeded ids, cards, and small helpers.
 
-Settings are read when the app's modules are imported, so this module points the environment
-at the tests' own database and FakePay port before anything imports `db` or `main`; conftest
-imports it first.
+The tests' own database is DB_URL's with `_test` appended, so runs with different DB_URLs
+never meet. The in-process app is made with `settings` (`main.create_app(settings)`); the app
+processes the tests start get the same values as environment variables (`TEST_ENV`, through
+`app_process`). Nothing here changes this process's environment.
 """
 
 import json
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,13 +20,13 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlmodel import Session, col, select
 
-import settings as app_settings
 from scripts.processes import Running, free_port, running_app
+from settings import Settings
 from tests.stand_in import StandInProvider
 from tests.tcp_proxy import TcpProxy
 
 FAKEPAY_PORT = free_port()
-_configured = app_settings.Settings()
+_configured = Settings()
 TEST_ENV = {
     "DB_URL": f"{_configured.db_url.rsplit('/', 1)[0]}/{_configured.db_name}_test",
     "FAKEPAY_URL": f"http://127.0.0.1:{FAKEPAY_PORT}/fakepay",
@@ -34,8 +34,21 @@ TEST_ENV = {
     "FAKEPAY_DEADLINE": "4",
     "LOG_LEVEL": "DEBUG",
 }
-os.environ.update(TEST_ENV)
-app_settings.settings = settings = app_settings.Settings()
+settings = Settings(
+    db_url=TEST_ENV["DB_URL"],
+    fakepay_url=TEST_ENV["FAKEPAY_URL"],
+    fakepay_timeout=float(TEST_ENV["FAKEPAY_TIMEOUT"]),
+    fakepay_deadline=float(TEST_ENV["FAKEPAY_DEADLINE"]),
+    log_level=TEST_ENV["LOG_LEVEL"],
+)
+
+
+def app_process(
+    log_path: Path, env: dict[str, str] | None = None, workers: int = 1
+) -> AbstractContextManager[Running]:
+    """The app under uvicorn with the tests' settings (`TEST_ENV`), and `env` over them."""
+    return running_app(log_path, {**TEST_ENV, **(env or {})}, workers=workers)
+
 
 # A plain PyMySQL engine for tests to look at the database directly, outside the app.
 # As the schema's owner: the tests write rows no request could and watch the server's lock
@@ -263,7 +276,7 @@ def serving_behind(proxy: TcpProxy, log_path: Path, provider_url: str) -> Iterat
     a client of it."""
     env = {"DB_URL": f"127.0.0.1:{proxy.port}/{settings.db_name}", "FAKEPAY_URL": provider_url}
     with (
-        running_app(log_path, env=env) as server,
+        app_process(log_path, env=env) as server,
         httpx.Client(base_url=server.url, timeout=60) as http,
     ):
         yield http

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -19,6 +20,7 @@ from scripts.processes import PROJECT_ROOT
 from tests.support import (
     J_DOE_CARD,
     SEEDED_CANCELLED,
+    TEST_ENV,
     UNKNOWN_ID,
     FakePayProcess,
     create_pending_invoice,
@@ -35,6 +37,7 @@ def make_key(scope: str) -> tuple[str, str]:
     output = subprocess.run(
         [sys.executable, "-m", "scripts.api_keys", "create", name, scope],
         cwd=PROJECT_ROOT,
+        env={**os.environ, **TEST_ENV},
         check=True,
         capture_output=True,
         text=True,
@@ -46,6 +49,7 @@ def revoke_key(name: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "scripts.api_keys", "revoke", name],
         cwd=PROJECT_ROOT,
+        env={**os.environ, **TEST_ENV},
         check=True,
         capture_output=True,
     )
@@ -279,7 +283,7 @@ def serve_guard(host: str, **env: str) -> subprocess.CompletedProcess[str]:
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, **env},
+        env={**os.environ, **TEST_ENV, **env},
     )
 
 
@@ -315,13 +319,12 @@ def test_key_names_compare_exactly_on_every_server() -> None:
         create_api_key(settings, f"strasse-{tag}", ApiKeyScope.READ)
 
 
-def protected_routes() -> list[tuple[str, str]]:
+def protected_routes(app: FastAPI) -> list[tuple[str, str]]:
     """(method, path) of every route the app has but the ones marked public, with made-up
     ids in place of the path's parameters."""
     from fastapi.routing import APIRoute
 
     from auth import is_public
-    from main import app
 
     filled = {"{invoice_id}": UNKNOWN_ID, "{payment_id}": "1", "{customer_id}": "1"}
     found = []
@@ -334,18 +337,22 @@ def protected_routes() -> list[tuple[str, str]]:
     return found
 
 
-def test_every_route_but_the_public_ones_needs_a_key(client: TestClient, auth_on: None) -> None:
+def test_every_route_but_the_public_ones_needs_a_key(
+    app: FastAPI, client: TestClient, auth_on: None
+) -> None:
     refused = {
         (method, path): client.request(method, path).status_code
-        for method, path in protected_routes()
+        for method, path in protected_routes(app)
     }
 
     assert len(refused) >= 12  # every route the app has, less the health check and docs
     assert set(refused.values()) == {401}, refused
 
 
-def test_every_writing_route_refuses_a_read_key(client: TestClient, read_key: str) -> None:
-    writes = [(method, path) for method, path in protected_routes() if method != "GET"]
+def test_every_writing_route_refuses_a_read_key(
+    app: FastAPI, client: TestClient, read_key: str
+) -> None:
+    writes = [(method, path) for method, path in protected_routes(app) if method != "GET"]
 
     refused = {
         (method, path): client.request(method, path, headers=bearer(read_key)).status_code

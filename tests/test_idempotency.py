@@ -12,12 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from db import make_engine
-from idempotency import PAYMENT_STARTED, IdempotentRequest, Reply
-from models import IdempotencyRecord
+from idempotency import PAYMENT_STARTED, IdempotentRequest
+from models import ErrorDetail, IdempotencyRecord
 from scripts.processes import Running
 from tests.stand_in import StandInProvider, refusing_provider_url
 from tests.support import (
@@ -283,10 +284,9 @@ def test_an_expired_key_is_forgotten(client: TestClient) -> None:
     assert "idempotent-replayed" not in response.headers
 
 
-def test_expired_keys_are_purged(client: TestClient) -> None:
+def test_expired_keys_are_purged(client: TestClient, app_engine: AsyncEngine) -> None:
     from sqlmodel.ext.asyncio.session import AsyncSession
 
-    from db import engine
     from idempotency import purge_expired_keys
 
     expired, kept = new_key(), new_key()
@@ -296,7 +296,7 @@ def test_expired_keys_are_purged(client: TestClient) -> None:
     )
 
     async def purge() -> int:
-        async with AsyncSession(engine) as session:
+        async with AsyncSession(app_engine) as session:
             return await purge_expired_keys(session)
 
     assert client.portal.call(purge) >= 1  # type: ignore[union-attr]
@@ -481,7 +481,9 @@ def test_a_late_outcome_leaves_a_later_requests_key_row_alone(database: None, se
         try:
             async with AsyncSession(engine) as session, session.begin():
                 late = IdempotentRequest(key=key)
-                await late.record_final(session, 1, Reply(201, "{}"), sent=sent)
+                await late.record_final(
+                    session, 1, ErrorDetail(detail="late"), status_code=201, sent=sent
+                )
         finally:
             await engine.dispose()
 

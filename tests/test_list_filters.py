@@ -8,9 +8,15 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, col, func, select
 
 from models import Invoice
-from settings import settings
 from tests.stand_in import StandInProvider
-from tests.support import PAID_REPLY, UNKNOWN_ID, WORK_CARD, create_pending_invoice, direct_engine
+from tests.support import (
+    PAID_REPLY,
+    UNKNOWN_ID,
+    WORK_CARD,
+    create_pending_invoice,
+    direct_engine,
+    settings,
+)
 
 
 def count_where(*conditions: Any) -> int:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scripts.processes import running_app
 from tests.stand_in import StandInProvider
@@ -174,12 +175,12 @@ def test_provider_calls_in_flight_are_counted_while_they_last(
     assert value(scrape(client), in_flight) == before
 
 
-def test_database_connections_in_use_are_read_from_the_apps_pool(client: TestClient) -> None:
-    from db import engine
-
+def test_database_connections_in_use_are_read_from_the_apps_pool(
+    client: TestClient, app_engine: AsyncEngine
+) -> None:
     in_use = "invoice_api_db_pool_connections_in_use"
     before = value(scrape(client), in_use)
-    held = client.portal.call(engine.connect().start)  # type: ignore[union-attr]
+    held = client.portal.call(app_engine.connect().start)  # type: ignore[union-attr]
     try:
         during = value(scrape(client), in_use)
     finally:
@@ -203,17 +204,18 @@ def test_an_idempotent_replay_is_counted(client: TestClient) -> None:
     assert value(scrape(client), replays) - value(before, replays) == 1
 
 
-def test_with_metrics_off_nothing_is_counted_and_metrics_answer_404(client: TestClient) -> None:
+def test_with_metrics_off_nothing_is_counted_and_metrics_answer_404(
+    client: TestClient, app_engine: AsyncEngine
+) -> None:
     import metrics
-    from db import engine
 
     before = scrape(client)
-    metrics.start(engine, settings.model_copy(update={"metrics": False}))  # METRICS=false
+    metrics.start(app_engine, settings.model_copy(update={"metrics": False}))  # METRICS=false
     try:
         assert client.get(f"/invoice/{UNKNOWN_ID}").status_code == 404
         response = client.get("/metrics")
     finally:
-        metrics.start(engine, settings)
+        metrics.start(app_engine, settings)
 
     assert response.status_code == 404
     assert response.json() == {"detail": "Metrics are off in this service (METRICS=false)"}

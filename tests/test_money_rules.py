@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from scripts.processes import running_app
 from tests.stand_in import StandInProvider
 from tests.support import (
     MASKED_WORK_CARD,
@@ -24,6 +23,7 @@ from tests.support import (
     FakePayProcess,
     OneSlotProvider,
     UseProvider,
+    app_process,
     attempts,
     create_pending_invoice,
     direct_engine,
@@ -341,7 +341,7 @@ def patient_app(
     """The app over real HTTP, waiting up to 10 s on the database: a claim the test holds at a
     lock is not given up as a database outage."""
     log_path = tmp_path_factory.mktemp("patient") / "app.log"
-    with running_app(log_path, env={"DB_READ_TIMEOUT": "10"}) as server:
+    with app_process(log_path, env={"DB_READ_TIMEOUT": "10"}) as server:
         yield server.url
 
 

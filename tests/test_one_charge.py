@@ -17,11 +17,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from payments import sweep_stalled
-from scripts.processes import running_app
 from tests.stand_in import StandInProvider
 from tests.support import (
     PAID_REPLY,
     WORK_CARD,
+    app_process,
     attempts,
     create_pending_invoice,
     direct_engine,
@@ -176,7 +176,7 @@ def test_a_crash_mid_charge_leaves_the_invoice_waiting_for_an_operator(
         gate = threading.Event()
         provider.answer_next(200, PAID_REPLY, gate=gate)
         env = {"FAKEPAY_URL": provider.url}
-        with running_app(tmp_path / "first.log", env=env) as server:
+        with app_process(tmp_path / "first.log", env=env) as server:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 invoice_id = create_pending_invoice(http)
             pay_url = f"{server.url}/invoice/pay/{invoice_id}"
@@ -188,7 +188,7 @@ def test_a_crash_mid_charge_leaves_the_invoice_waiting_for_an_operator(
         gate.set()
         make_attempts_stale(invoice_id)  # as if the stale margin had passed
         with (
-            running_app(tmp_path / "second.log", env=env) as server,
+            app_process(tmp_path / "second.log", env=env) as server,
             httpx.Client(base_url=server.url, timeout=30) as http,
         ):
             paid = http.post(f"/invoice/pay/{invoice_id}", json=WORK_CARD)

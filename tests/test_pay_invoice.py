@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from models import PaymentStatus
 from payments import FakePayCard, FakePayClient, FakePayRequest
@@ -445,11 +446,9 @@ def test_paying_does_not_lock_the_customer(client: TestClient) -> None:
     assert response.status_code == 201
 
 
-def test_the_app_talks_to_the_database_in_utc(client: TestClient) -> None:
-    from db import engine
-
+def test_the_app_talks_to_the_database_in_utc(client: TestClient, app_engine: AsyncEngine) -> None:
     async def zone() -> Any:
-        async with engine.connect() as connection:
+        async with app_engine.connect() as connection:
             return (await connection.execute(text("SELECT @@session.time_zone"))).scalar_one()
 
     assert client.portal.call(zone) == "+00:00"  # type: ignore[union-attr]

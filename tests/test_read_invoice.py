@@ -9,8 +9,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from scripts.processes import Running, free_port, running_app
-from tests.support import WORK_CARD, OverrideFakePay
+from scripts.processes import Running, free_port
+from tests.support import WORK_CARD, OverrideFakePay, app_process
 
 CANCELLED_ID = "a14e5bd8-02ce-11f0-8d97-7c646cb7c0bc"
 
@@ -81,7 +81,7 @@ def test_a_sensible_request_id_from_the_caller_is_kept(client: TestClient) -> No
 def app_without_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A live app whose DB_URL points at a port where nothing listens."""
     log_path = tmp_path_factory.mktemp("nodb") / "app.log"
-    with running_app(log_path, env={"DB_URL": f"127.0.0.1:{free_port()}/nothing"}) as server:
+    with app_process(log_path, env={"DB_URL": f"127.0.0.1:{free_port()}/nothing"}) as server:
         yield server.url
 
 

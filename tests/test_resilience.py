@@ -12,12 +12,12 @@ import pytest
 from sqlmodel import Session, text
 
 from models import PaymentStatus
-from scripts.processes import running_app
 from tests.stand_in import StandInProvider, silent_provider
 from tests.support import (
     PAID_REPLY,
     WORK_CARD,
     FakePayProcess,
+    app_process,
     attempts,
     create_pending_invoice,
     direct_engine,
@@ -54,7 +54,7 @@ class RequestFn:
 def two_workers(
     database: None, fakepay: FakePayProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    with running_app(tmp_path_factory.mktemp("workers") / "app.log", workers=2) as server:
+    with app_process(tmp_path_factory.mktemp("workers") / "app.log", workers=2) as server:
         with httpx.Client(base_url=server.url, timeout=10) as http:
             deadline = time.monotonic() + 15
             while http.get("/health-check").status_code != 200:  # both workers up
@@ -136,7 +136,7 @@ def app_with_hanging_provider(
 ) -> Iterator[str]:
     with (
         silent_provider() as provider_url,
-        running_app(
+        app_process(
             tmp_path_factory.mktemp("hanging") / "app.log",
             env={
                 "FAKEPAY_URL": provider_url,
@@ -199,7 +199,7 @@ def app_behind_proxy(
     database_proxy: TcpProxy, fakepay: FakePayProcess, tmp_path: Path
 ) -> Iterator[str]:
     env = {"DB_URL": f"127.0.0.1:{database_proxy.port}/{settings.db_name}"}
-    with running_app(tmp_path / "app.log", env=env) as server:
+    with app_process(tmp_path / "app.log", env=env) as server:
         yield server.url
 
 
@@ -279,7 +279,7 @@ def test_a_payment_outcome_survives_a_short_database_outage(
             "FAKEPAY_URL": provider.url,
         }
         with (
-            running_app(tmp_path / "app.log", env=env) as server,
+            app_process(tmp_path / "app.log", env=env) as server,
             httpx.Client(base_url=server.url, timeout=30) as http,
         ):
             invoice_id = create_pending_invoice(http)
@@ -336,7 +336,7 @@ def test_a_database_outage_after_the_charge_names_the_invoice_and_the_charge(
         }
         body = {"jobDescription": "Charged in an outage", "amount": 5, "customerId": 1}
         with (
-            running_app(tmp_path / "app.log", env=env) as server,
+            app_process(tmp_path / "app.log", env=env) as server,
             httpx.Client(base_url=server.url, timeout=60) as http,
         ):
             result: dict[str, httpx.Response] = {}

@@ -9,7 +9,6 @@ import httpx
 import pytest
 from sqlalchemy import Connection, text
 
-from scripts.processes import running_app
 from scripts.schema import (
     SchemaError,
     admin_connection,
@@ -24,7 +23,7 @@ from scripts.schema import (
     upgrade_to_head,
 )
 from settings import Settings
-from tests.support import SEEDED_PAID, SEEDED_PENDING, settings
+from tests.support import SEEDED_PAID, SEEDED_PENDING, app_process, settings
 
 BEFORE_MIGRATIONS = Path(__file__).parent / "data" / "up-before-migrations.sql"
 PAYMENT_STATES = ["PROCESSING", "SUCCEEDED", "DECLINED", "FAILED", "UNKNOWN", "ABANDONED"]
@@ -204,7 +203,7 @@ def test_an_upgraded_database_is_served_by_the_api(scratch: Settings, tmp_path: 
     made_before_migrations(scratch)
     upgrade_to_head(scratch)
 
-    with running_app(tmp_path / "app.log", env={"DB_URL": scratch.db_url}) as app:
+    with app_process(tmp_path / "app.log", env={"DB_URL": scratch.db_url}) as app:
         listed = httpx.get(f"{app.url}/invoices", params={"invoiceStatus": "PAID"})
         paid = httpx.get(f"{app.url}/invoice/{SEEDED_PAID}")
         taken = httpx.post(

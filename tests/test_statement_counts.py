@@ -7,36 +7,35 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
-
-from db import engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 CARD = {"number": "1234567812345678", "expiry": "01-2040", "name": "J Doe"}
 
 
 @pytest.fixture
-def sent() -> Iterator[list[str]]:
+def sent(app_engine: AsyncEngine) -> Iterator[list[str]]:
     """Every statement the in-process app sends, in full."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    event.listen(app_engine.sync_engine, "before_cursor_execute", record)
     yield seen
-    event.remove(engine.sync_engine, "before_cursor_execute", record)
+    event.remove(app_engine.sync_engine, "before_cursor_execute", record)
 
 
 @pytest.fixture
-def statements() -> Iterator[list[str]]:
+def statements(app_engine: AsyncEngine) -> Iterator[list[str]]:
     """The first word of each statement the in-process app sends."""
     seen: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement.split(None, 1)[0].upper())
 
-    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    event.listen(app_engine.sync_engine, "before_cursor_execute", record)
     yield seen
-    event.remove(engine.sync_engine, "before_cursor_execute", record)
+    event.remove(app_engine.sync_engine, "before_cursor_execute", record)
 
 
 def new_invoice(client: TestClient) -> str:
@@ -124,3 +123,44 @@ def test_an_idempotency_key_adds_its_lookup_its_row_and_its_reply(
         *("UPDATE", "SELECT", "SELECT", "INSERT", "INSERT"),
         *("UPDATE", "UPDATE", "UPDATE", "UPDATE"),
     ]
+
+
+@pytest.fixture
+def commits(app_engine: AsyncEngine) -> Iterator[list[str]]:
+    """Every transaction the in-process app commits on its connections."""
+    seen: list[str] = []
+
+    def record(conn: Any) -> None:
+        seen.append("COMMIT")
+
+    event.listen(app_engine.sync_engine, "commit", record)
+    yield seen
+    event.remove(app_engine.sync_engine, "commit", record)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/health-check", ["SELECT"]),
+        ("/invoice/{id}/payments", ["SELECT", "SELECT"]),
+        ("/customer/1", ["SELECT"]),
+        ("/customers", ["SELECT", "SELECT"]),
+        ("/payments", ["SELECT", "SELECT"]),
+        ("/payments?status=UNKNOWN", ["SELECT", "SELECT"]),
+    ],
+)
+def test_every_other_read_only_selects_and_commits_nothing(
+    client: TestClient,
+    statements: list[str],
+    commits: list[str],
+    path: str,
+    expected: list[str],
+) -> None:
+    path = path.replace("{id}", new_invoice(client))
+    statements.clear()
+    commits.clear()
+
+    assert client.get(path).status_code == 200
+
+    assert statements == expected
+    assert commits == []
