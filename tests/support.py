@@ -7,8 +7,12 @@ processes the tests start get the same values as environment variables (`TEST_EN
 """
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +24,7 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlmodel import Session, col, select
 
-from scripts.processes import Running, free_port, running_app
+from scripts.processes import PROJECT_ROOT, Running, free_port, running_app
 from settings import Settings
 from tests.stand_in import StandInProvider
 from tests.tcp_proxy import TcpProxy
@@ -335,3 +339,32 @@ class OneSlotProvider:
         finally:
             gate.set()
             holder.join()
+
+
+# API keys, made and revoked as `make api-key` and `make api-key-revoke` do.
+def make_key(scope: str) -> tuple[str, str]:
+    """A new key through `python -m scripts.api_keys`, as `make api-key` runs it: (name, secret)."""
+    name = f"test-{scope}-{uuid.uuid4().hex[:8]}"
+    output = subprocess.run(
+        [sys.executable, "-m", "scripts.api_keys", "create", name, scope],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **TEST_ENV},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return name, output.strip().splitlines()[-1]
+
+
+def revoke_key(name: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "scripts.api_keys", "revoke", name],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **TEST_ENV},
+        check=True,
+        capture_output=True,
+    )
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}

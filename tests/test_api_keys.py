@@ -23,40 +23,15 @@ from tests.support import (
     TEST_ENV,
     UNKNOWN_ID,
     FakePayProcess,
+    bearer,
     create_pending_invoice,
     direct_engine,
+    make_key,
+    revoke_key,
     settings,
 )
 
 NEW_INVOICE = {"jobDescription": "Written with a key", "amount": 1, "customerId": 1}
-
-
-def make_key(scope: str) -> tuple[str, str]:
-    """A new key through `python -m scripts.api_keys`, as `make api-key` runs it: (name, secret)."""
-    name = f"test-{scope}-{uuid.uuid4().hex[:8]}"
-    output = subprocess.run(
-        [sys.executable, "-m", "scripts.api_keys", "create", name, scope],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **TEST_ENV},
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return name, output.strip().splitlines()[-1]
-
-
-def revoke_key(name: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "scripts.api_keys", "revoke", name],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **TEST_ENV},
-        check=True,
-        capture_output=True,
-    )
-
-
-def bearer(secret: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}"}
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import UNKNOWN_ID, WORK_CARD
-from tests.test_api_keys import make_key
+from tests.support import UNKNOWN_ID, WORK_CARD, make_key
 
 PACKAGE = "invoice_api_client"
 

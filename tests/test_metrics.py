@@ -22,12 +22,13 @@ from tests.support import (
     WORK_CARD,
     OneSlotProvider,
     UseProvider,
+    bearer,
     create_pending_invoice,
+    make_key,
     settings,
     superseded_attempt,
     wait_until,
 )
-from tests.test_api_keys import bearer, make_key
 
 READ = "/invoice/{invoice_id}"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -16,7 +16,7 @@ from schemathesis.checks import (
 
 from main import app
 from scripts.processes import Running
-from tests.test_api_keys import bearer, make_key
+from tests.support import bearer, make_key
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 
