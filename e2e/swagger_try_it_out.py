@@ -16,7 +16,7 @@ from playwright.sync_api import FloatRect, Page, expect, sync_playwright
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parent.parent / "artifacts" / "swagger-try-it-out.png"
-CREATE = "#operations-invoices-create_invoice_invoice_post"
+CREATE = "#operations-invoices-create_invoice"  # tag, then the operation id
 
 
 def authorize(page: Page, api_key: str) -> None:
